@@ -1,0 +1,92 @@
+"""The replay buffer: a bounded FIFO of preference pairs, drawn favouring the least-drawn ones.
+
+Counts live beside each entry (not keyed by object identity, which means nothing after a
+reload), and draws come from the buffer's own seeded generator, so a saved and restored buffer
+continues exactly the same draw sequence.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import torch
+
+
+class ReplayBuffer:
+    """Bounded FIFO of items; ``sample(k)`` draws with replacement, weight ``1 / (1 + times_drawn)``.
+
+    Args:
+        capacity: the most items kept; adding to a full buffer evicts the oldest item.
+        seed: seed of the buffer's own ``torch.Generator`` used for every draw.
+    """
+
+    def __init__(self, capacity: int, seed: int = 0):
+        if capacity <= 0:
+            raise ValueError(f"capacity must be positive, got {capacity}")
+        self.capacity = capacity
+        self.seed = seed
+        self._items: deque[Any] = deque()
+        self._times_sampled: deque[int] = deque()
+        self._added: deque[int] = deque()  # insertion index of each entry, for ages and order
+        self._total_added = 0
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, item: Any) -> None:
+        """Append ``item`` with a draw count of 0, evicting the oldest item when full."""
+        if len(self._items) == self.capacity:
+            self._items.popleft()
+            self._times_sampled.popleft()
+            self._added.popleft()
+        self._items.append(item)
+        self._times_sampled.append(0)
+        self._added.append(self._total_added)
+        self._total_added += 1
+
+    def weights(self) -> torch.Tensor:
+        """Current draw weights, ``1 / (1 + times_sampled)``, unnormalised, in buffer order."""
+        counts = torch.tensor(list(self._times_sampled), dtype=torch.float64)
+        return 1.0 / (1.0 + counts)
+
+    def sample(self, k: int) -> list[Any]:
+        """Draw ``k`` items with replacement; every drawn entry's count goes up once per draw."""
+        if len(self._items) == 0:
+            raise ValueError("cannot sample from an empty replay buffer")
+        indices = torch.multinomial(self.weights(), k, replacement=True, generator=self._generator).tolist()
+        for index in indices:
+            self._times_sampled[index] += 1
+        return [self._items[index] for index in indices]
+
+    def items(self) -> list[Any]:
+        """The items, oldest first."""
+        return list(self._items)
+
+    def times_sampled(self) -> list[int]:
+        """How often each item has been drawn, oldest first."""
+        return list(self._times_sampled)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue identically: items, counts, order and generator state."""
+        return {
+            "capacity": self.capacity,
+            "seed": self.seed,
+            "items": list(self._items),
+            "times_sampled": list(self._times_sampled),
+            "added": list(self._added),
+            "total_added": self._total_added,
+            "generator_state": self._generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state produced by :meth:`state_dict`."""
+        if state["capacity"] != self.capacity:
+            raise ValueError(f"buffer capacity {self.capacity} does not match saved capacity {state['capacity']}")
+        self.seed = state["seed"]
+        self._items = deque(state["items"])
+        self._times_sampled = deque(int(count) for count in state["times_sampled"])
+        self._added = deque(int(index) for index in state["added"])
+        self._total_added = int(state["total_added"])
+        self._generator.set_state(state["generator_state"])

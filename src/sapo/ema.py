@@ -1,0 +1,71 @@
+"""The exponential moving average (EMA) of the policy, the model that samples SAPO's segments.
+
+Update rule, applied every ``ema_update_interval`` optimizer steps::
+
+    ema = decay * ema + (1 - decay) * policy
+
+``decay`` weights the OLD average (the paper uses 0.5). TRL's ``ref_model_mixup_alpha`` is the
+other way round: there ``alpha`` weights the NEW policy. The average is kept in float32 even when
+the policy trains in bfloat16: with a decay near 1 the per-step change ``(1 - decay) * delta`` is
+smaller than bfloat16's resolution and a bf16 average would stop moving.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMAModel:
+    """A float32 copy of a model whose weights track the policy's moving average.
+
+    Args:
+        model: the policy at step 0; the average starts as an exact copy of it.
+        decay: weight of the old average in each update, in ``[0, 1)``.
+        device: where the average lives (defaults to the policy's device); ``"cpu"`` keeps it off
+            the accelerator for large models.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, device: torch.device | str | None = None):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(model).to(dtype=torch.float32)
+        if device is not None:
+            self.model.to(device)
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self.num_updates = 0
+
+    @torch.no_grad()
+    def update(self, policy: nn.Module) -> None:
+        """Move the average toward ``policy``: ``ema = decay * ema + (1 - decay) * policy``."""
+        for average, current in zip_named(self.model, policy):
+            average.lerp_(current.detach().to(device=average.device, dtype=torch.float32), 1.0 - self.decay)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, target: nn.Module) -> None:
+        """Write the averaged weights into ``target`` (cast to its dtype), e.g. the DPO reference."""
+        for average, param in zip_named(self.model, target):
+            param.copy_(average.to(device=param.device, dtype=param.dtype))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The averaged weights (float32)."""
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
+
+
+def zip_named(source: nn.Module, target: nn.Module):
+    """Pairs ``(source_param, target_param)`` matched by name; fails loudly on a mismatch."""
+    target_params = dict(target.named_parameters())
+    source_params = dict(source.named_parameters())
+    if source_params.keys() != target_params.keys():
+        missing = sorted(source_params.keys() ^ target_params.keys())[:3]
+        raise ValueError(f"models differ in parameters, e.g. {missing}")
+    for name, param in source_params.items():
+        yield param, target_params[name]

@@ -1,0 +1,113 @@
+"""Sample SAPO's segments: up to ``window`` new tokens after each ``prompt + gold[:cut]`` prefix.
+
+All rows of a generation step go through one batched ``generate`` call (left padding, KV cache).
+A row stops at its own window or at EOS; the call ends as soon as every row has stopped.
+Sampling draws from a seed taken from the generator's own ``torch.Generator``, so a run is
+reproducible and the generator's state can be checkpointed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+
+class _PerRowLimit(StoppingCriteria):
+    """Marks row ``i`` done once it has ``limits[i]`` new tokens."""
+
+    def __init__(self, prefix_width: int, limits: torch.Tensor):
+        self.prefix_width = prefix_width
+        self.limits = limits
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return (input_ids.shape[1] - self.prefix_width) >= self.limits
+
+
+@dataclass
+class SegmentGenerator:
+    """Batched, seeded segment sampling.
+
+    Args:
+        pad_token_id: id used for left padding.
+        eos_token_ids: ids that end an answer.
+        temperature, top_p, top_k: sampling knobs (see ``SAPOConfig``).
+        seed: seed of the generator that draws one sampling seed per call.
+    """
+
+    pad_token_id: int
+    eos_token_ids: Sequence[int]
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        self.eos_token_ids = list(self.eos_token_ids)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def _generation_config(self, max_new_tokens: int) -> GenerationConfig:
+        return GenerationConfig(
+            do_sample=True,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_ids,
+            use_cache=True,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self, model: torch.nn.Module, prefixes: Sequence[Sequence[int]], max_new_tokens: Sequence[int]
+    ) -> list[list[int]]:
+        """Sample up to ``max_new_tokens[i]`` tokens after ``prefixes[i]`` for every row at once.
+
+        A returned segment ends at its first EOS (kept) or at its limit, whichever comes first.
+        """
+        if len(prefixes) != len(max_new_tokens):
+            raise ValueError("prefixes and max_new_tokens differ in length")
+        if not prefixes:
+            return []
+        device = next(model.parameters()).device
+        width = max(len(prefix) for prefix in prefixes)
+        input_ids = torch.full((len(prefixes), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prefixes), width), dtype=torch.long)
+        for row, prefix in enumerate(prefixes):
+            if prefix:
+                input_ids[row, width - len(prefix) :] = torch.tensor(list(prefix), dtype=torch.long)
+                attention_mask[row, width - len(prefix) :] = 1
+        limits = torch.tensor(list(max_new_tokens), dtype=torch.long, device=device)
+        call_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(call_seed)
+            output = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=self._generation_config(int(limits.max().item())),
+                stopping_criteria=StoppingCriteriaList([_PerRowLimit(width, limits)]),
+            )
+        new_tokens = output[:, width:].tolist()
+        return [self._trim(tokens, limit) for tokens, limit in zip(new_tokens, max_new_tokens)]
+
+    def _trim(self, tokens: list[int], limit: int) -> list[int]:
+        tokens = tokens[:limit]
+        return _cut_after_first(tokens, self.eos_token_ids)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator_state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator_state"])
+
+
+def _cut_after_first(tokens: list[int], stop_ids: Iterable[int]) -> list[int]:
+    stop = set(stop_ids)
+    for position, token in enumerate(tokens):
+        if token in stop:
+            return tokens[: position + 1]
+    return tokens

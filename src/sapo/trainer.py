@@ -1,0 +1,259 @@
+"""``SAPOTrainer``: the SAPO loop wired onto ``transformers.Trainer``.
+
+Per optimizer step ``t`` (gradient accumulation counts once), in order:
+
+1. generate (when ``t % sample_every_n_steps == 0``): for every row that arrived since the last
+   generation, the EMA model rewrites a window of the gold answer; ``(prompt, gold, rejected)``
+   enters the replay buffer (:meth:`SAPOTrainer._generate_pairs`);
+2. sample a batch from the buffer, least-drawn pairs first (:meth:`SAPOTrainer.training_step`);
+3. DPO or ORPO loss on that batch (:meth:`SAPOTrainer.compute_loss`), optimizer step by Trainer;
+4. EMA update, then, for DPO, maybe copy the EMA into the reference
+   (:meth:`SAPOTrainer._after_optimizer_step`).
+
+Trainer keeps what it does well: the optimizer, schedule, mixed precision, devices, logging
+integrations, progress bar and checkpoint rotation. The SAPO pieces are components
+(``segments``, ``buffer``, ``ema``, ``generation``, ``losses``) that know nothing of this class.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainerCallback
+from trl.trainer.utils import disable_dropout_in_model
+
+from .buffer import ReplayBuffer
+from .config import SAPOConfig
+from .data import GOLD_IDS, PROMPT_IDS, prepare_dataset
+from .ema import EMAModel
+from .generation import SegmentGenerator
+from .logprobs import collate_pairs, completion_logps
+from .losses import dpo_loss, orpo_loss
+from .segments import sample_cut, splice
+
+
+def collate_rows(rows: list[dict[str, Any]]) -> dict[str, list[list[int]]]:
+    """Keep dataset rows as id lists: they are generation prompts, not model inputs."""
+    return {PROMPT_IDS: [row[PROMPT_IDS] for row in rows], GOLD_IDS: [row[GOLD_IDS] for row in rows]}
+
+
+class _AfterOptimizerStep(TrainerCallback):
+    def __init__(self, trainer: SAPOTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.trainer._set_sync_interval(train_dataloader)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._after_optimizer_step(state.global_step)
+
+
+class SAPOTrainer(Trainer):
+    """Trainer for Self-Augmented Preference Optimization.
+
+    Args:
+        model: the policy, as a model or a model id/path (loaded with `AutoModelForCausalLM`).
+        args: a [`SAPOConfig`].
+        train_dataset: SFT rows, `messages` or `prompt`/`completion` (see `sapo.data`).
+        processing_class: the tokenizer; loaded from `model` when it is an id.
+        peft_config: a `peft` config; the policy is then wrapped with `get_peft_model`.
+        ref_model: DPO only: the initial reference; a copy of the policy when `None`.
+        callbacks, optimizers: as for `transformers.Trainer`.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | str,
+        args: SAPOConfig | None = None,
+        train_dataset: Dataset | None = None,
+        processing_class=None,
+        peft_config=None,
+        ref_model: PreTrainedModel | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers=(None, None),
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = SAPOConfig(output_dir=f"{str(name).split('/')[-1] or 'model'}-SAPO")
+        if not isinstance(args, SAPOConfig):
+            raise TypeError(f"args must be a SAPOConfig, got {type(args).__name__}")
+        if train_dataset is None:
+            raise ValueError("train_dataset is required: SAPO generates its pairs from it")
+        if ref_model is not None and args.loss_type == "orpo":
+            raise ValueError("ref_model: ORPO uses no reference model; pass ref_model only with loss_type='dpo'")
+        if isinstance(model, str):
+            model_id = model
+            model = AutoModelForCausalLM.from_pretrained(model_id, **(args.model_init_kwargs or {}))
+            if processing_class is None:
+                processing_class = AutoTokenizer.from_pretrained(model_id)
+        if processing_class is None:
+            raise ValueError("processing_class (the tokenizer) is required when model is given as an instance")
+        if processing_class.pad_token_id is None:
+            processing_class.pad_token = processing_class.eos_token
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        if args.disable_dropout:
+            disable_dropout_in_model(model)
+
+        if not (PROMPT_IDS in train_dataset.column_names and GOLD_IDS in train_dataset.column_names):
+            with args.main_process_first(desc="tokenizing the training set"):
+                train_dataset = prepare_dataset(
+                    train_dataset, processing_class, args.max_length, args.max_prompt_length, args.dataset_num_proc
+                )
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=collate_rows,
+            train_dataset=train_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        # the loss is a mean over the batch: Trainer divides it by the accumulation steps
+        self.model_accepts_loss_kwargs = False
+
+        policy = self.accelerator.unwrap_model(self.model)
+        rank = self.args.process_index
+        self.eos_token_ids = self._eos_token_ids(policy, processing_class)
+        self.buffer = ReplayBuffer(args.replay_buffer_size, seed=args.seed + rank)
+        self.cut_generator = torch.Generator().manual_seed(args.seed + 7919 * (rank + 1))
+        self.segment_generator = SegmentGenerator(
+            pad_token_id=processing_class.pad_token_id,
+            eos_token_ids=self.eos_token_ids,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed + 104729 * (rank + 1),
+        )
+        self.ema = EMAModel(policy, args.ema_decay, device=args.ema_device or self.args.device)
+        self.ref_model = None
+        if args.loss_type == "dpo":
+            self.ref_model = ref_model if ref_model is not None else copy.deepcopy(policy)
+            self.ref_model.to(self.args.device).eval().requires_grad_(False)
+            if args.disable_dropout:
+                disable_dropout_in_model(self.ref_model)
+        self.ref_model_sync_steps = args.ref_model_sync_steps
+        self._pending_rows: list[tuple[list[int], list[int]]] = []
+        self._prepared_step = -1
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self.add_callback(_AfterOptimizerStep(self))
+
+    @staticmethod
+    def _eos_token_ids(model, tokenizer) -> list[int]:
+        ids = {tokenizer.eos_token_id}
+        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if configured is not None:
+            ids.update([configured] if isinstance(configured, int) else configured)
+        return sorted(i for i in ids if i is not None)
+
+    # -- the SAPO step ---------------------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Queue this micro-batch's rows, generate when due, then train on a buffer batch."""
+        self._pending_rows.extend(zip(inputs[PROMPT_IDS], inputs[GOLD_IDS]))
+        step = self.state.global_step
+        if step != self._prepared_step:  # first micro-batch of this optimizer step
+            self._prepared_step = step
+            if step % self.args.sample_every_n_steps == 0:
+                self._generate_pairs(step)
+        pairs = self.buffer.sample(self.args.per_device_train_batch_size)
+        batch = collate_pairs(pairs, self.processing_class.pad_token_id)
+        return super().training_step(model, batch, num_items_in_batch)
+
+    def _generate_pairs(self, step: int) -> None:
+        """One batched generation call for every pending row; the pairs enter the buffer."""
+        rows, self._pending_rows = self._pending_rows, []
+        cuts = [
+            sample_cut(len(prompt), len(gold), self.args.segment_length, self.args.max_length, self.cut_generator)
+            for prompt, gold in rows
+        ]
+        prefixes = [list(prompt) + list(gold[:cut]) for (prompt, gold), (cut, _) in zip(rows, cuts)]
+        windows = [window for _, window in cuts]
+        started = time.perf_counter()
+        with self.accelerator.autocast():
+            segments = self.segment_generator.generate(self.ema.model, prefixes, windows)
+        self._metrics["sapo/generation_seconds"].append(time.perf_counter() - started)
+        self._metrics["sapo/segment_tokens"].append(float(sum(len(segment) for segment in segments)))
+        for (prompt, gold), (cut, _), segment in zip(rows, cuts, segments):
+            rejected = splice(gold, cut, segment, self.args.segment_length, self.eos_token_ids)
+            self.buffer.add(
+                {"prompt_ids": list(prompt), "chosen_ids": list(gold), "rejected_ids": rejected, "step": step}
+            )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """DPO or ORPO on a buffer batch (rows ``[:B]`` chosen, ``[B:]`` rejected)."""
+        logps, lengths = completion_logps(model, inputs)
+        chosen_logps, rejected_logps = logps.chunk(2)
+        if self.args.loss_type == "dpo":
+            with torch.no_grad():
+                ref_logps, _ = completion_logps(self.ref_model, inputs)
+            ref_chosen, ref_rejected = ref_logps.chunk(2)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                chosen_logps, rejected_logps, ref_chosen, ref_rejected, self.args.beta
+            )
+            self._record("logps/chosen", chosen_logps)
+            self._record("logps/rejected", rejected_logps)
+        else:
+            chosen_lengths, rejected_lengths = lengths.chunk(2)
+            chosen_avg = chosen_logps / chosen_lengths.clamp(min=1)
+            rejected_avg = rejected_logps / rejected_lengths.clamp(min=1)
+            nll = -chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
+            losses, log_odds_ratio, log_odds_chosen = orpo_loss(nll, chosen_avg, rejected_avg, self.args.beta)
+            chosen_rewards, rejected_rewards = self.args.beta * chosen_avg.detach(), self.args.beta * rejected_avg.detach()
+            self._record("nll_loss", nll)
+            self._record("log_odds_ratio", log_odds_ratio)
+            self._record("log_odds_chosen", log_odds_chosen)
+            self._record("logps/chosen", chosen_avg)
+            self._record("logps/rejected", rejected_avg)
+        self._record("rewards/chosen", chosen_rewards)
+        self._record("rewards/rejected", rejected_rewards)
+        self._record("rewards/margins", chosen_rewards - rejected_rewards)
+        self._record("rewards/accuracies", (chosen_rewards > rejected_rewards).float())
+        loss = losses.mean()
+        return (loss, {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps}) if return_outputs else loss
+
+    def _after_optimizer_step(self, step: int) -> None:
+        """EMA update, then (DPO) copy the EMA into the reference when a sync is due."""
+        if step % self.args.ema_update_interval == 0:
+            self.ema.update(self.accelerator.unwrap_model(self.model))
+        if self.ref_model is not None and self.ref_model_sync_steps and step % self.ref_model_sync_steps == 0:
+            self.ema.copy_to(self.ref_model)
+
+    def _set_sync_interval(self, train_dataloader) -> None:
+        if self.ref_model_sync_steps is None and train_dataloader is not None:
+            batches = len(train_dataloader)
+            self.ref_model_sync_steps = max(1, math.ceil(batches / self.args.gradient_accumulation_steps))
+
+    # -- logging ---------------------------------------------------------------------------------
+
+    def _record(self, name: str, values: torch.Tensor) -> None:
+        values = values.detach().float().reshape(-1)
+        self._metrics[name].append(self.accelerator.gather_for_metrics(values).mean().item())
+
+    def _buffer_metrics(self) -> dict[str, float]:
+        if len(self.buffer) == 0:
+            return {"sapo/buffer_size": 0.0}
+        counts = self.buffer.times_sampled()
+        ages = [self.state.global_step - item["step"] for item in self.buffer.items()]
+        return {
+            "sapo/buffer_size": float(len(self.buffer)),
+            "sapo/mean_times_sampled": sum(counts) / len(counts),
+            "sapo/mean_pair_age": sum(ages) / len(ages),
+        }
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the averaged SAPO and preference metrics recorded since the last log."""
+        if self._metrics:
+            logs.update({name: sum(values) / len(values) for name, values in self._metrics.items()})
+            logs.update(self._buffer_metrics())
+            self._metrics.clear()
+        super().log(logs, start_time)
