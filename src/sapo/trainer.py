@@ -2,9 +2,10 @@
 
 Per optimizer step ``t`` (gradient accumulation counts once), in order:
 
-1. generate (when ``t % sample_every_n_steps == 0``): for every row that arrived since the last
-   generation, the EMA model rewrites a window of the gold answer; ``(prompt, gold, rejected)``
-   enters the replay buffer (:meth:`SAPOTrainer._generate_pairs`);
+1. generate (every ``sample_every_n_steps`` steps): for the rows of this step and the next
+   ``sample_every_n_steps - 1`` steps, the EMA model rewrites a window of each gold answer in
+   one batched call; ``(prompt, gold, rejected)`` enters the replay buffer
+   (:meth:`SAPOTrainer.get_batch_samples`, :meth:`SAPOTrainer._generate_pairs`);
 2. sample a batch from the buffer, least-drawn pairs first (:meth:`SAPOTrainer.training_step`);
 3. DPO or ORPO loss on that batch (:meth:`SAPOTrainer.compute_loss`), optimizer step by Trainer;
 4. EMA update, then, for DPO, maybe copy the EMA into the reference
@@ -20,7 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Any
 
 import torch
@@ -142,8 +143,7 @@ class SAPOTrainer(Trainer):
             if args.disable_dropout:
                 disable_dropout_in_model(self.ref_model)
         self.ref_model_sync_steps = args.ref_model_sync_steps
-        self._pending_rows: list[tuple[list[int], list[int]]] = []
-        self._prepared_step = -1
+        self._window: deque[list[dict[str, Any]]] = deque()  # row batches of this window's later steps
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self.add_callback(_AfterOptimizerStep(self))
 
@@ -157,21 +157,35 @@ class SAPOTrainer(Trainer):
 
     # -- the SAPO step ---------------------------------------------------------------------------
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Fetch this step's rows; at the start of a generation window, generate for the window.
+
+        A window is ``sample_every_n_steps`` optimizer steps. Its first step also pulls the rows
+        of the next steps (kept for them), so one batched call covers every row of the window and
+        no row goes without a segment, also at the end of an epoch.
+        """
+        if self._window:
+            return self._window.popleft(), None
+        window = [super().get_batch_samples(epoch_iterator, num_batches, device)[0]]
+        for _ in range(self.args.sample_every_n_steps - 1):
+            batches = super().get_batch_samples(epoch_iterator, self.args.gradient_accumulation_steps, device)[0]
+            if not batches:
+                break
+            window.append(batches)
+        rows = [row for batches in window for batch in batches for row in zip(batch[PROMPT_IDS], batch[GOLD_IDS])]
+        if rows:
+            self._generate_pairs(rows, self.state.global_step)
+        self._window.extend(window[1:])
+        return window[0], None
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """Queue this micro-batch's rows, generate when due, then train on a buffer batch."""
-        self._pending_rows.extend(zip(inputs[PROMPT_IDS], inputs[GOLD_IDS]))
-        step = self.state.global_step
-        if step != self._prepared_step:  # first micro-batch of this optimizer step
-            self._prepared_step = step
-            if step % self.args.sample_every_n_steps == 0:
-                self._generate_pairs(step)
+        """Train on a batch drawn from the replay buffer; dataset rows only feed generation."""
         pairs = self.buffer.sample(self.args.per_device_train_batch_size)
         batch = collate_pairs(pairs, self.processing_class.pad_token_id)
         return super().training_step(model, batch, num_items_in_batch)
 
-    def _generate_pairs(self, step: int) -> None:
-        """One batched generation call for every pending row; the pairs enter the buffer."""
-        rows, self._pending_rows = self._pending_rows, []
+    def _generate_pairs(self, rows: list[tuple[list[int], list[int]]], step: int) -> None:
+        """One batched generation call for ``rows``; the pairs enter the buffer."""
         cuts = [
             sample_cut(len(prompt), len(gold), self.args.segment_length, self.args.max_length, self.cut_generator)
             for prompt, gold in rows
