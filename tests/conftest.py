@@ -25,7 +25,12 @@ def addition_rows(n: int, seed: int = 0) -> list[dict]:
     for _ in range(n):
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         rows.append(
-            {"messages": [{"role": "user", "content": f"{a}+{b}="}, {"role": "assistant", "content": str(a + b)}]}
+            {
+                "messages": [
+                    {"role": "user", "content": f"{a}+{b}="},
+                    {"role": "assistant", "content": str(a + b)},
+                ]
+            }
         )
     return rows
 

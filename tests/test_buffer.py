@@ -31,7 +31,7 @@ def roundtrip(state: dict) -> dict:
     stream = io.BytesIO()
     torch.save(state, stream)
     stream.seek(0)
-    return torch.load(stream, weights_only=False)
+    return torch.load(stream, weights_only=True)
 
 
 # --------------------------------------------------------------------------------------------------

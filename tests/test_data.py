@@ -45,13 +45,16 @@ def test_messages_multi_turn(tokenizer):
     assert len(out) == 2
     # prompt: the earlier turns, rendered with the template, plus the generation prompt
     assert decode(tokenizer, out[0]["prompt_ids"]) == (
-        "<|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>Hello!<|end|><|user|>2+2?<|end|><|assistant|>"
+        "<|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>Hello!<|end|>"
+        "<|user|>2+2?<|end|><|assistant|>"
     )
     assert decode(tokenizer, out[0]["gold_ids"]) == "4" + EOS
     assert decode(tokenizer, out[1]["prompt_ids"]) == "<|user|>12+34=<|end|><|assistant|>"
     assert decode(tokenizer, out[1]["gold_ids"]) == "46" + EOS
     # the prompt ids are exactly the template's rendering, tokenized
-    expected = tokenizer.apply_chat_template([msg("user", "12+34=")], tokenize=False, add_generation_prompt=True)
+    expected = tokenizer.apply_chat_template(
+        [msg("user", "12+34=")], tokenize=False, add_generation_prompt=True
+    )
     assert out[1]["prompt_ids"] == tokenizer(expected, add_special_tokens=False)["input_ids"]
 
 
@@ -67,7 +70,12 @@ def test_prompt_completion_plain_strings(tokenizer):
 def test_prompt_completion_conversational(tokenizer):
     rows = [
         {
-            "prompt": [msg("system", "S"), msg("user", "first"), msg("assistant", "ok"), msg("user", "second")],
+            "prompt": [
+                msg("system", "S"),
+                msg("user", "first"),
+                msg("assistant", "ok"),
+                msg("user", "second"),
+            ],
             "completion": [msg("assistant", "answer")],
         }
     ]
@@ -99,7 +107,7 @@ def test_gold_ends_with_eos_exactly_once(tokenizer, row):
 def test_addition_dataset_fixture(tokenizer, addition_dataset):
     out = prepare_dataset(addition_dataset, tokenizer, max_length=64, max_prompt_length=32)
     assert len(out) == len(addition_dataset)
-    for source, row in zip(addition_dataset, out):
+    for source, row in zip(addition_dataset, out, strict=True):
         question, answer = source["messages"][0]["content"], source["messages"][1]["content"]
         assert decode(tokenizer, row["prompt_ids"]) == f"<|user|>{question}<|end|><|assistant|>"
         assert decode(tokenizer, row["gold_ids"]) == answer + EOS
@@ -203,7 +211,11 @@ def test_empty_answer_messages(tokenizer):
 
 
 def test_empty_answer_plain(tokenizer):
-    rows = [{"prompt": "p", "completion": "x"}, {"prompt": "p", "completion": "y"}, {"prompt": "p", "completion": ""}]
+    rows = [
+        {"prompt": "p", "completion": "x"},
+        {"prompt": "p", "completion": "y"},
+        {"prompt": "p", "completion": ""},
+    ]
     _expect_row_error(tokenizer, rows, 2, "completion")
 
 

@@ -94,7 +94,7 @@ def test_segments_respect_their_own_limits(tokenizer, tiny_model):
     for _ in range(3):
         segments = generator.generate(model, prefixes, limits)
         assert len(segments) == len(limits)
-        for segment, limit in zip(segments, limits):
+        for segment, limit in zip(segments, limits, strict=True):
             assert 1 <= len(segment) <= limit
             if eos in segment:
                 assert segment.index(eos) == len(segment) - 1  # ends at its first EOS
@@ -116,7 +116,9 @@ def test_forced_eos_stops_every_row_immediately(tokenizer):
 def test_early_stop_when_all_rows_done(tokenizer, tiny_model):
     # without EOS the call runs exactly as many steps as the largest limit, and no more
     model = tiny_model.eval()
-    generator = make_generator(tokenizer, eos_token_ids=[tokenizer.convert_tokens_to_ids("<|system|>")], top_k=1)
+    generator = make_generator(
+        tokenizer, eos_token_ids=[tokenizer.convert_tokens_to_ids("<|system|>")], top_k=1
+    )
     counter = CountForwards(model)
     prefixes = random_prefixes(tokenizer, [4, 4, 6])
     segments = generator.generate(model, prefixes, [3, 5, 2])
@@ -138,7 +140,9 @@ def test_segment_stops_at_first_eos_mid_batch(tokenizer):
     assert all(len(s) == 12 for s in free)
     # a stop token that first occurs in row 0 at position k >= 1 and never in row 1
     candidates = [
-        (k, token) for k, token in enumerate(free[0]) if k >= 1 and token not in free[0][:k] and token not in free[1]
+        (k, token)
+        for k, token in enumerate(free[0])
+        if k >= 1 and token not in free[0][:k] and token not in free[1]
     ]
     assert candidates, free  # deterministic for this model/prefix choice
     k, stop = candidates[0]
@@ -202,7 +206,7 @@ def test_left_padding_row_independent_of_batch(tokenizer):
     limits = [8, 5, 8, 3, 6, 8]
     generator = _greedy(tokenizer)
     batched = generator.generate(model, prefixes, limits)
-    for prefix, limit, segment in zip(prefixes, limits, batched):
+    for prefix, limit, segment in zip(prefixes, limits, batched, strict=True):
         alone = generator.generate(model, [prefix], [limit])[0]
         assert segment == alone
     # another batch order and composition gives the same rows

@@ -65,7 +65,9 @@ def test_collate_pairs_random_shapes_and_masks():
             assert batch["input_ids"][row, n:].tolist() == [pad] * (width - n)  # right padding
             assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (width - n)
             # prompt and padding are out of the completion mask
-            assert batch["completion_mask"][row].tolist() == [0] * n_prompt + [1] * len(response) + [0] * (width - n)
+            assert batch["completion_mask"][row].tolist() == [0] * n_prompt + [1] * len(response) + [0] * (
+                width - n
+            )
 
 
 def _naive_logps(model, prompt, response):
@@ -107,7 +109,9 @@ def test_completion_logps_matches_naive_loop(tokenizer, tiny_model):
         for pair in pairs:
             expected.append(_naive_logps(model, pair["prompt_ids"], pair[side]))
             expected_lengths.append(len(pair[side]))
-    torch.testing.assert_close(logps.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        logps.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5
+    )
     assert lengths.tolist() == expected_lengths
     assert (logps < 0).all()
 

@@ -157,7 +157,9 @@ def test_orpo_loss_extreme_log_probs_are_finite():
 
 def test_orpo_loss_bf16_inputs_computed_in_fp32():
     chosen, rejected = t(-0.5, -3.0), t(-2.0, -0.1)
-    ref_losses, ref_ratio, ref_odds = orpo_loss(t(0.0, 0.0), chosen.bfloat16().float(), rejected.bfloat16().float(), 0.1)
+    ref_losses, ref_ratio, ref_odds = orpo_loss(
+        t(0.0, 0.0), chosen.bfloat16().float(), rejected.bfloat16().float(), 0.1
+    )
     losses, ratio, odds = orpo_loss(t(0.0, 0.0), chosen.bfloat16(), rejected.bfloat16(), 0.1)
     assert ratio.dtype == torch.float32 and odds.dtype == torch.float32
     torch.testing.assert_close(ratio, ref_ratio)
@@ -226,8 +228,12 @@ def test_orpo_matches_trl_odds_ratio_loss(beta):
     chosen[0], rejected[0] = -1e-6, -30.0
     chosen_nll = torch.rand(16, generator=generator) * 3
 
-    fake_self = types.SimpleNamespace(beta=beta, accelerator=types.SimpleNamespace(device=torch.device("cpu")))
-    trl_losses, _, _, trl_ratio_mean, trl_log_odds_mean = ORPOTrainer.odds_ratio_loss(fake_self, chosen, rejected)
+    fake_self = types.SimpleNamespace(
+        beta=beta, accelerator=types.SimpleNamespace(device=torch.device("cpu"))
+    )
+    trl_losses, _, _, trl_ratio_mean, trl_log_odds_mean = ORPOTrainer.odds_ratio_loss(
+        fake_self, chosen, rejected
+    )
 
     losses, log_odds_ratio, log_odds_chosen = orpo_loss(chosen_nll, chosen, rejected, beta)
     # TRL returns β·log σ(Δ) (to be subtracted from the NLL); ours is NLL - β·log σ(Δ)
@@ -300,7 +306,11 @@ def test_dpo_matches_trl_dpo_trainer(tmp_path, tokenizer, conversational):
         seed=0,
     )
     trainer = DPOTrainer(
-        model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+        model=policy,
+        ref_model=reference,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
     )
     batch = next(iter(trainer.get_train_dataloader()))
     assert set(batch) >= {"input_ids", "attention_mask", "completion_mask"}

@@ -110,7 +110,8 @@ def test_ema_follows_the_formula(tmp_path, tokenizer, tiny_model, addition_datas
     trainer.train()
     assert trainer.ema.num_updates == 2  # steps 2 and 4
     expected = {
-        name: 0.75 * (0.75 * initial[name] + 0.25 * recorder.snapshots[2][name]) + 0.25 * recorder.snapshots[4][name]
+        name: 0.75 * (0.75 * initial[name] + 0.25 * recorder.snapshots[2][name])
+        + 0.25 * recorder.snapshots[4][name]
         for name in initial
     }
     for name, param in trainer.ema.model.named_parameters():
@@ -140,7 +141,9 @@ def test_reference_equals_ema_right_after_sync(tmp_path, tokenizer, tiny_model, 
     )
     trainer.train()
     for (name, ref), ema in zip(trainer.ref_model.named_parameters(), trainer.ema.model.parameters()):
-        torch.testing.assert_close(ref, ema, rtol=0, atol=0, msg=f"{name} differs from the EMA after the sync")
+        torch.testing.assert_close(
+            ref, ema, rtol=0, atol=0, msg=f"{name} differs from the EMA after the sync"
+        )
     assert any(not torch.equal(r, i) for r, i in zip(trainer.ref_model.parameters(), initial.parameters()))
 
 
@@ -177,7 +180,11 @@ def test_every_row_gets_a_segment_when_generating_every_n_steps(tmp_path, tokeni
     trainer = SAPOTrainer(
         model=tiny_model,
         args=make_args(
-            tmp_path, max_steps=-1, num_train_epochs=1, per_device_train_batch_size=4, sample_every_n_steps=every
+            tmp_path,
+            max_steps=-1,
+            num_train_epochs=1,
+            per_device_train_batch_size=4,
+            sample_every_n_steps=every,
         ),
         train_dataset=dataset,
         processing_class=tokenizer,

@@ -83,7 +83,9 @@ class ReplayBuffer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state produced by :meth:`state_dict`."""
         if state["capacity"] != self.capacity:
-            raise ValueError(f"buffer capacity {self.capacity} does not match saved capacity {state['capacity']}")
+            raise ValueError(
+                f"buffer capacity {self.capacity} does not match saved capacity {state['capacity']}"
+            )
         self.seed = state["seed"]
         self._items = deque(state["items"])
         self._times_sampled = deque(int(count) for count in state["times_sampled"])

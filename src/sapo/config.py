@@ -84,7 +84,9 @@ class SAPOConfig(TrainingArguments):
 
     model_init_kwargs: dict[str, Any] | None = field(
         default=None,
-        metadata={"help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is an id."},
+        metadata={
+            "help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is an id."
+        },
     )
     disable_dropout: bool = field(
         default=True, metadata={"help": "Whether to disable dropout in the policy, EMA and reference models."}
@@ -93,16 +95,22 @@ class SAPOConfig(TrainingArguments):
         default=2048, metadata={"help": "Most tokens of prompt plus answer; gold answers are cut to fit."}
     )
     max_prompt_length: int | None = field(
-        default=1792, metadata={"help": "Most prompt tokens; rows with longer prompts are dropped with a warning."}
+        default=1792,
+        metadata={"help": "Most prompt tokens; rows with longer prompts are dropped with a warning."},
     )
     dataset_num_proc: int | None = field(
         default=None, metadata={"help": "Number of processes used to tokenize the dataset."}
     )
     loss_type: str = field(
-        default="dpo", metadata={"help": "Preference loss: 'dpo' (with a reference model) or 'orpo' (without)."}
+        default="dpo",
+        metadata={"help": "Preference loss: 'dpo' (with a reference model) or 'orpo' (without)."},
     )
-    beta: float = field(default=0.1, metadata={"help": "DPO's beta, or ORPO's lambda on the odds-ratio term."})
-    segment_length: int = field(default=256, metadata={"help": "Tokens of the gold answer the EMA model rewrites."})
+    beta: float = field(
+        default=0.1, metadata={"help": "DPO's beta, or ORPO's lambda on the odds-ratio term."}
+    )
+    segment_length: int = field(
+        default=256, metadata={"help": "Tokens of the gold answer the EMA model rewrites."}
+    )
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of segment generation."})
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling threshold of segment generation."})
     top_k: int = field(default=50, metadata={"help": "Top-k filter of segment generation; 0 disables it."})
@@ -118,9 +126,12 @@ class SAPOConfig(TrainingArguments):
     ema_device: str | None = field(
         default=None, metadata={"help": "Device of the float32 EMA model; defaults to the policy's device."}
     )
-    replay_buffer_size: int = field(default=2000, metadata={"help": "Capacity of the per-device replay buffer."})
+    replay_buffer_size: int = field(
+        default=2000, metadata={"help": "Capacity of the per-device replay buffer."}
+    )
     ref_model_sync_steps: int | None = field(
-        default=None, metadata={"help": "DPO: copy the EMA into the reference every this many steps; None: per epoch."}
+        default=None,
+        metadata={"help": "DPO: copy the EMA into the reference every this many steps; None: per epoch."},
     )
 
     logging_steps: float = field(default=10, metadata={"help": "Log every this many optimizer steps."})
@@ -148,9 +159,15 @@ class SAPOConfig(TrainingArguments):
             if getattr(self, name) <= 0:
                 fail(name, "must be a positive number of optimizer steps")
         if self.ref_model_sync_steps is not None and self.ref_model_sync_steps <= 0:
-            fail("ref_model_sync_steps", "must be a positive number of optimizer steps, or None for once per epoch")
+            fail(
+                "ref_model_sync_steps",
+                "must be a positive number of optimizer steps, or None for once per epoch",
+            )
         if self.replay_buffer_size < self.per_device_train_batch_size:
-            fail("replay_buffer_size", f"must hold at least one batch ({self.per_device_train_batch_size} pairs)")
+            fail(
+                "replay_buffer_size",
+                f"must hold at least one batch ({self.per_device_train_batch_size} pairs)",
+            )
         if self.temperature <= 0:
             fail("temperature", "must be positive")
         if not 0.0 < self.top_p <= 1.0:

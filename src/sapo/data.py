@@ -49,11 +49,14 @@ def split_row(row: dict[str, Any], index: int) -> tuple[Any, Any]:
                 f"got role {messages[-1]['role']!r}"
             )
         prompt, answer = messages[:-1], messages[-1]
-        text = answer["content"]
+        text, column = answer["content"], "messages"
     elif "prompt" in row and "completion" in row:
         prompt, answer = row["prompt"], row["completion"]
         if isinstance(prompt, str) != isinstance(answer, str):
-            raise ValueError(f"row {index}: columns 'prompt' and 'completion' must both be strings or both be lists")
+            raise ValueError(
+                f"row {index}: columns 'prompt' and 'completion' must both be strings or both be lists"
+            )
+        column = "completion"
         if isinstance(answer, str):
             text = answer
         else:
@@ -68,7 +71,7 @@ def split_row(row: dict[str, Any], index: int) -> tuple[Any, Any]:
             f"row {index}: missing column: need 'messages', or 'prompt' and 'completion'; found {sorted(row)}"
         )
     if not text.strip():
-        raise ValueError(f"row {index}: the gold answer is empty")
+        raise ValueError(f"row {index}: column {column!r}: the gold answer is empty")
     return prompt, answer
 
 
@@ -80,20 +83,26 @@ def tokenize_row(prompt: Any, answer: Any, tokenizer) -> tuple[list[int], list[i
         gold_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     else:
         if tokenizer.chat_template is None:
-            raise ValueError("conversational data needs a tokenizer with a chat template (set `chat_template`)")
+            raise ValueError(
+                "conversational data needs a tokenizer with a chat template (set `chat_template`)"
+            )
         prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         full_text = tokenizer.apply_chat_template(prompt + [answer], tokenize=False)
         if not full_text.startswith(prompt_text):
             raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
         prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         gold_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+    return prompt_ids, _end_with_eos(gold_ids, eos, tokenizer)
+
+
+def _end_with_eos(gold_ids: list[int], eos: int, tokenizer) -> list[int]:
+    """Make the answer end with EOS: chat templates may put whitespace after their end-of-turn
+    token (which is then dropped); answers without a final EOS get one appended."""
     if eos in gold_ids:
-        # templates may add whitespace after the end-of-turn token; the answer stops at the EOS
         last = len(gold_ids) - 1 - gold_ids[::-1].index(eos)
-        gold_ids = gold_ids[: last + 1]
-    else:
-        gold_ids = gold_ids + [eos]
-    return prompt_ids, gold_ids
+        if not tokenizer.decode(gold_ids[last + 1 :]).strip():
+            return gold_ids[: last + 1]
+    return gold_ids + [eos]
 
 
 def prepare_dataset(
@@ -137,10 +146,15 @@ def prepare_dataset(
         dropped = len(tokenized) - len(kept)
         if dropped:
             logger.warning(
-                "dropped %d of %d rows whose prompt is longer than %d tokens", dropped, len(tokenized), prompt_limit
+                "dropped %d of %d rows whose prompt is longer than %d tokens",
+                dropped,
+                len(tokenized),
+                prompt_limit,
             )
         if len(kept) == 0:
-            raise ValueError(f"every row's prompt is longer than {prompt_limit} tokens; nothing left to train on")
+            raise ValueError(
+                f"every row's prompt is longer than {prompt_limit} tokens; nothing left to train on"
+            )
         tokenized = kept
     if max_length is not None:
         tokenized = tokenized.map(

@@ -53,7 +53,11 @@ def preference_margin(
         prefixes = [list(p) + list(g[:cut]) for (p, g), (cut, _) in zip(chunk, cuts)]
         segments = sampler.generate(model, prefixes, [window for _, window in cuts])
         pairs = [
-            {"prompt_ids": p, "chosen_ids": g, "rejected_ids": splice(g, cut, s, segment_length, eos_token_ids)}
+            {
+                "prompt_ids": p,
+                "chosen_ids": g,
+                "rejected_ids": splice(g, cut, s, segment_length, eos_token_ids),
+            }
             for (p, g), (cut, _), s in zip(chunk, cuts, segments)
         ]
         batch = {k: v.to(device) for k, v in collate_pairs(pairs, pad_token_id).items()}

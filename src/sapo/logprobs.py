@@ -32,7 +32,9 @@ def collate_pairs(pairs: Sequence[dict[str, Any]], pad_token_id: int) -> dict[st
     }
 
 
-def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs and response token counts, one value per row.
 
     Returns ``(logps, lengths)`` with ``logps[i] = Σ_t log p(x_t | x_<t)`` over row ``i``'s

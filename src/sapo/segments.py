@@ -67,7 +67,9 @@ def splice(
     """
     window = segment_window(len(gold_ids), segment_length)
     if not 0 <= cut <= len(gold_ids) - window:
-        raise ValueError(f"cut {cut} out of range [0, {len(gold_ids) - window}] for gold of length {len(gold_ids)}")
+        raise ValueError(
+            f"cut {cut} out of range [0, {len(gold_ids) - window}] for gold of length {len(gold_ids)}"
+        )
     segment = list(segment_ids)
     eos_ids = _as_set(eos_token_id)
     for position, token in enumerate(segment):

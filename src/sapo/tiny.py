@@ -47,7 +47,9 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_llama(tokenizer: PreTrainedTokenizerFast, size: str = "tiny", seed: int = 0, **overrides) -> LlamaForCausalLM:
+def tiny_llama(
+    tokenizer: PreTrainedTokenizerFast, size: str = "tiny", seed: int = 0, **overrides
+) -> LlamaForCausalLM:
     """A randomly initialised Llama sized by ``size`` (see ``TINY_MODEL_SIZES``) for ``tokenizer``."""
     import torch
 

@@ -18,8 +18,11 @@ integrations, progress bar and checkpoint rotation. The SAPO pieces are componen
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
+import shutil
 import time
 from collections import defaultdict, deque
 from typing import Any
@@ -27,8 +30,10 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints
 from trl.trainer.utils import disable_dropout_in_model
 
+from . import checkpoint
 from .buffer import ReplayBuffer
 from .config import SAPOConfig
 from .data import GOLD_IDS, PROMPT_IDS, prepare_dataset
@@ -87,14 +92,18 @@ class SAPOTrainer(Trainer):
         if train_dataset is None:
             raise ValueError("train_dataset is required: SAPO generates its pairs from it")
         if ref_model is not None and args.loss_type == "orpo":
-            raise ValueError("ref_model: ORPO uses no reference model; pass ref_model only with loss_type='dpo'")
+            raise ValueError(
+                "ref_model: ORPO uses no reference model; pass ref_model only with loss_type='dpo'"
+            )
         if isinstance(model, str):
             model_id = model
             model = AutoModelForCausalLM.from_pretrained(model_id, **(args.model_init_kwargs or {}))
             if processing_class is None:
                 processing_class = AutoTokenizer.from_pretrained(model_id)
         if processing_class is None:
-            raise ValueError("processing_class (the tokenizer) is required when model is given as an instance")
+            raise ValueError(
+                "processing_class (the tokenizer) is required when model is given as an instance"
+            )
         if processing_class.pad_token_id is None:
             processing_class.pad_token = processing_class.eos_token
         if peft_config is not None:
@@ -107,7 +116,11 @@ class SAPOTrainer(Trainer):
         if not (PROMPT_IDS in train_dataset.column_names and GOLD_IDS in train_dataset.column_names):
             with args.main_process_first(desc="tokenizing the training set"):
                 train_dataset = prepare_dataset(
-                    train_dataset, processing_class, args.max_length, args.max_prompt_length, args.dataset_num_proc
+                    train_dataset,
+                    processing_class,
+                    args.max_length,
+                    args.max_prompt_length,
+                    args.dataset_num_proc,
                 )
 
         super().__init__(
@@ -144,6 +157,7 @@ class SAPOTrainer(Trainer):
                 disable_dropout_in_model(self.ref_model)
         self.ref_model_sync_steps = args.ref_model_sync_steps
         self._window: deque[list[dict[str, Any]]] = deque()  # row batches of this window's later steps
+        self._steps_generated_ahead = 0  # after a resume inside a window: steps whose rows have pairs
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self.add_callback(_AfterOptimizerStep(self))
 
@@ -167,12 +181,19 @@ class SAPOTrainer(Trainer):
         if self._window:
             return self._window.popleft(), None
         window = [super().get_batch_samples(epoch_iterator, num_batches, device)[0]]
+        if self._steps_generated_ahead > 0:
+            self._steps_generated_ahead -= 1
+            return window[0], None
         for _ in range(self.args.sample_every_n_steps - 1):
-            batches = super().get_batch_samples(epoch_iterator, self.args.gradient_accumulation_steps, device)[0]
+            batches = super().get_batch_samples(
+                epoch_iterator, self.args.gradient_accumulation_steps, device
+            )[0]
             if not batches:
                 break
             window.append(batches)
-        rows = [row for batches in window for batch in batches for row in zip(batch[PROMPT_IDS], batch[GOLD_IDS])]
+        rows = [
+            row for batches in window for batch in batches for row in zip(batch[PROMPT_IDS], batch[GOLD_IDS])
+        ]
         if rows:
             self._generate_pairs(rows, self.state.global_step)
         self._window.extend(window[1:])
@@ -187,7 +208,9 @@ class SAPOTrainer(Trainer):
     def _generate_pairs(self, rows: list[tuple[list[int], list[int]]], step: int) -> None:
         """One batched generation call for ``rows``; the pairs enter the buffer."""
         cuts = [
-            sample_cut(len(prompt), len(gold), self.args.segment_length, self.args.max_length, self.cut_generator)
+            sample_cut(
+                len(prompt), len(gold), self.args.segment_length, self.args.max_length, self.cut_generator
+            )
             for prompt, gold in rows
         ]
         prefixes = [list(prompt) + list(gold[:cut]) for (prompt, gold), (cut, _) in zip(rows, cuts)]
@@ -222,7 +245,10 @@ class SAPOTrainer(Trainer):
             rejected_avg = rejected_logps / rejected_lengths.clamp(min=1)
             nll = -chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
             losses, log_odds_ratio, log_odds_chosen = orpo_loss(nll, chosen_avg, rejected_avg, self.args.beta)
-            chosen_rewards, rejected_rewards = self.args.beta * chosen_avg.detach(), self.args.beta * rejected_avg.detach()
+            chosen_rewards, rejected_rewards = (
+                self.args.beta * chosen_avg.detach(),
+                self.args.beta * rejected_avg.detach(),
+            )
             self._record("nll_loss", nll)
             self._record("log_odds_ratio", log_odds_ratio)
             self._record("log_odds_chosen", log_odds_chosen)
@@ -233,7 +259,16 @@ class SAPOTrainer(Trainer):
         self._record("rewards/margins", chosen_rewards - rejected_rewards)
         self._record("rewards/accuracies", (chosen_rewards > rejected_rewards).float())
         loss = losses.mean()
-        return (loss, {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps}) if return_outputs else loss
+        if not torch.isfinite(self.accelerator.gather(loss.detach()[None])).all():
+            raise FloatingPointError(
+                f"non-finite loss at step {self.state.global_step + 1}; stopping before it reaches the "
+                "weights (lower the learning rate, check the data, or train in float32)"
+            )
+        return (
+            (loss, {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps})
+            if return_outputs
+            else loss
+        )
 
     def _after_optimizer_step(self, step: int) -> None:
         """EMA update, then (DPO) copy the EMA into the reference when a sync is due."""
@@ -271,3 +306,121 @@ class SAPOTrainer(Trainer):
             logs.update(self._buffer_metrics())
             self._metrics.clear()
         super().log(logs, start_time)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """Train, or resume exactly from a complete checkpoint (a path, or ``True``/``"last"``)."""
+        path = self._resolve_checkpoint(resume_from_checkpoint)
+        if path is not None:
+            self._load_sapo_state(path)
+        return super().train(resume_from_checkpoint=path, **kwargs)
+
+    def _resolve_checkpoint(self, requested: str | bool | None) -> str | None:
+        if requested in (None, False):
+            return None
+        if requested is True or requested == "last":
+            found = sorted(
+                (int(name.split("-")[1]), os.path.join(self.args.output_dir, name))
+                for name in (os.listdir(self.args.output_dir) if os.path.isdir(self.args.output_dir) else [])
+                if name.startswith("checkpoint-") and name.split("-")[1].isdigit()
+            )
+            complete = [path for _, path in found if checkpoint.is_complete(path)]
+            if not complete:
+                raise ValueError(f"resume_from_checkpoint: no complete checkpoint in {self.args.output_dir}")
+            return complete[-1]
+        if not os.path.isdir(requested):
+            raise ValueError(f"resume_from_checkpoint: {requested} is not a folder")
+        if not checkpoint.is_complete(requested):
+            raise ValueError(
+                f"resume_from_checkpoint: {requested} is not a complete SAPO checkpoint "
+                f"(no {checkpoint.RUN_FILE})"
+            )
+        return str(requested)
+
+    def _run_identity(self) -> dict[str, Any]:
+        """What must match for a checkpoint to continue this run exactly."""
+        names = (
+            "loss_type",
+            "world_size",
+            "seed",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+        )
+        names += ("sample_every_n_steps", "segment_length", "replay_buffer_size")
+        identity = {name: getattr(self.args, name) for name in names}
+        identity["dataset"] = checkpoint.dataset_fingerprint(self.train_dataset)
+        identity["model"] = checkpoint.model_fingerprint(self.accelerator.unwrap_model(self.model))
+        return identity
+
+    def _get_output_dir(self, trial) -> str:
+        # while a checkpoint is written, Trainer writes it into a staging folder (see _save_checkpoint)
+        return getattr(self, "_staging_dir", None) or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the checkpoint under a temporary name, add SAPO's state, then rename it.
+
+        A process killed at any moment leaves either the complete new checkpoint or none, and
+        the previous ones untouched (older ones are rotated out only after the rename).
+        """
+        policy = self.accelerator.unwrap_model(self.model)
+        if not all(torch.isfinite(p).all() for p in policy.parameters()):
+            raise FloatingPointError(
+                f"non-finite weights at step {self.state.global_step}; no checkpoint written"
+            )
+        run_dir = super()._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        self._staging_dir = os.path.join(run_dir, ".staging")
+        staged = os.path.join(self._staging_dir, name)
+        if self.args.should_save and os.path.exists(staged):  # left by a run killed while saving
+            shutil.rmtree(staged)
+        self.accelerator.wait_for_everyone()
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        tensors, metadata = self._rank_state()
+        checkpoint.save_rank_state(staged, self.args.process_index, tensors, metadata)
+        if self.args.should_save:
+            checkpoint.save_module(self.ema.model, os.path.join(staged, checkpoint.EMA_FILE))
+            if self.ref_model is not None:
+                checkpoint.save_module(self.ref_model, os.path.join(staged, checkpoint.REFERENCE_FILE))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            checkpoint.write_json(os.path.join(staged, checkpoint.RUN_FILE), self._run_identity())
+            checkpoint.publish(staged, os.path.join(run_dir, name))
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(staged))
+            rotate_checkpoints(
+                run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=False
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _rank_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, buffer_metadata = checkpoint.buffer_to_tensors(self.buffer.state_dict())
+        tensors["cut_generator_state"] = self.cut_generator.get_state()
+        tensors["sampling_generator_state"] = self.segment_generator.generator.get_state()
+        metadata = {
+            "buffer": buffer_metadata,
+            "global_step": self.state.global_step,
+            "ema_updates": self.ema.num_updates,
+            "ref_model_sync_steps": self.ref_model_sync_steps,
+            "steps_generated_ahead": len(self._window) + self._steps_generated_ahead,
+        }
+        return tensors, metadata
+
+    def _load_sapo_state(self, path: str) -> None:
+        checkpoint.check_same_run(
+            path, checkpoint.read_json(os.path.join(path, checkpoint.RUN_FILE)), self._run_identity()
+        )
+        tensors, metadata = checkpoint.load_rank_state(path, self.args.process_index)
+        self.buffer.load_state_dict(checkpoint.buffer_from_tensors(tensors, metadata["buffer"]))
+        self.cut_generator.set_state(tensors["cut_generator_state"])
+        self.segment_generator.generator.set_state(tensors["sampling_generator_state"])
+        self.ema.num_updates = metadata["ema_updates"]
+        self.ref_model_sync_steps = metadata["ref_model_sync_steps"]
+        self._steps_generated_ahead = metadata["steps_generated_ahead"]
+        self._window.clear()
+        checkpoint.load_module(self.ema.model, os.path.join(path, checkpoint.EMA_FILE))
+        if self.ref_model is not None:
+            checkpoint.load_module(self.ref_model, os.path.join(path, checkpoint.REFERENCE_FILE))

@@ -1,0 +1,167 @@
+"""Kill a SAPO run with SIGKILL at random moments, resume it each time, and check nothing is lost.
+
+Each trial starts (or resumes, from the newest complete checkpoint) a run that saves a
+checkpoint every step, waits a random time, and kills it. A trial is clean when every
+``checkpoint-*`` folder left behind is complete and the next start resumes from the newest one.
+After the trials the run is finished without interruption and its final weights are compared
+with those of a run that was never killed.
+
+    python scripts/kill_resume.py --trials 20
+
+Last line: one JSON object with ``trials``, ``clean_resumes`` and ``final_matches_uninterrupted``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STARTED = "SAPO-TRAINING-STARTED"
+
+
+def child(output_dir: str, max_steps: int, loss_type: str) -> None:
+    """One training process: resume from the newest complete checkpoint if there is one."""
+    import datasets
+    import transformers
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from sapo import SAPOConfig, SAPOTrainer
+    from sapo.checkpoint import is_complete
+    from sapo.tiny import char_tokenizer, tiny_llama
+
+    class AnnounceStart(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            print(f"{STARTED} resume_from={state.global_step or 'none'}", flush=True)
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    tokenizer = char_tokenizer()
+    rng = random.Random(0)
+    rows = []
+    for _ in range(48):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        rows.append({"prompt": f"{a}+{b}=", "completion": str(a + b)})
+    args = SAPOConfig(
+        output_dir=output_dir,
+        loss_type=loss_type,
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        sample_every_n_steps=2,
+        segment_length=4,
+        ref_model_sync_steps=5,
+        learning_rate=1e-3,
+        save_strategy="steps",
+        save_steps=1,
+        save_total_limit=2,
+        logging_steps=1000,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = SAPOTrainer(
+        model=tiny_llama(tokenizer, seed=0),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[AnnounceStart()],
+    )
+    resume = Path(output_dir).exists() and any(is_complete(p) for p in Path(output_dir).glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint="last" if resume else None)
+    digest = hashlib.sha256()
+    for tensor in trainer.model.state_dict().values():
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    Path(output_dir, "final.json").write_text(json.dumps({"sha256": digest.hexdigest()}))
+
+
+def run_child(output_dir: Path, max_steps: int, loss_type: str, kill_after: float | None) -> tuple[str, int]:
+    """Start a child; with ``kill_after``, SIGKILL it that many seconds after training starts."""
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        str(output_dir),
+        "--steps",
+        str(max_steps),
+        "--loss",
+        loss_type,
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    first_line = process.stdout.readline()
+    if kill_after is not None:
+        time.sleep(kill_after)
+        process.send_signal(signal.SIGKILL)
+    process.wait()
+    return first_line.strip(), process.returncode
+
+
+def newest_complete(output_dir: Path) -> tuple[int | None, bool]:
+    """Newest complete checkpoint step, and whether every checkpoint-* folder is complete."""
+    from sapo.checkpoint import is_complete
+
+    folders = list(output_dir.glob("checkpoint-*")) if output_dir.exists() else []
+    complete = [int(p.name.split("-")[1]) for p in folders if is_complete(p)]
+    return (max(complete) if complete else None), len(complete) == len(folders)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--loss", default="dpo", choices=["dpo", "orpo"])
+    parser.add_argument("--max-wait", type=float, default=4.0, help="longest wait before a kill, in seconds")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.child, args.steps, args.loss)
+        return {}
+
+    rng = random.Random(args.seed)
+    workdir = Path(tempfile.mkdtemp(prefix="sapo-kill-"))
+    try:
+        reference, killed = workdir / "uninterrupted", workdir / "killed"
+        run_child(reference, args.steps, args.loss, kill_after=None)
+        clean = 0
+        for trial in range(args.trials):
+            expected, all_complete = newest_complete(killed)
+            started, _ = run_child(killed, args.steps, args.loss, kill_after=rng.uniform(0.0, args.max_wait))
+            resumed_from = started.split("resume_from=")[-1] if STARTED in started else None
+            ok = all_complete and resumed_from == (str(expected) if expected is not None else "none")
+            clean += ok
+            print(
+                f"trial {trial + 1}: resumed from {resumed_from}, newest complete before {expected}, "
+                f"all folders complete: {all_complete} -> {'clean' if ok else 'NOT clean'}",
+                flush=True,
+            )
+        run_child(killed, args.steps, args.loss, kill_after=None)
+        final = {
+            name: json.loads((workdir / name / "final.json").read_text())["sha256"]
+            for name in ("uninterrupted", "killed")
+        }
+        result = {
+            "trials": args.trials,
+            "clean_resumes": clean,
+            "final_matches_uninterrupted": final["uninterrupted"] == final["killed"],
+            "loss_type": args.loss,
+            "steps": args.steps,
+        }
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
