@@ -13,7 +13,7 @@ from datasets import Dataset
 
 from sapo import SAPOConfig, SAPOTrainer
 from sapo.buffer import ReplayBuffer
-from sapo.checkpoint import RUN_FILE, buffer_from_tensors, buffer_to_tensors, is_complete
+from sapo.checkpoint import RUN_FILE, buffer_from_tensors, buffer_to_tensors, is_complete, resolve
 from sapo.tiny import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def test_last_skips_incomplete_checkpoints(tmp_path, tokenizer):
     half_written.mkdir()
     (half_written / "model.safetensors").write_bytes(b"truncated")
     resumed = make_trainer(tokenizer, tmp_path, max_steps=4)
-    assert resumed._resolve_checkpoint("last") == str(tmp_path / "checkpoint-3")
+    assert resolve(str(tmp_path), "last") == str(tmp_path / "checkpoint-3")
     with pytest.raises(ValueError, match="not a complete SAPO checkpoint"):
         resumed.train(resume_from_checkpoint=str(half_written))
 

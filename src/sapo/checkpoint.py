@@ -161,3 +161,45 @@ def check_same_run(directory: str | Path, saved: dict[str, Any], current: dict[s
                 f"checkpoint {directory} belongs to a different run: {key} is {saved.get(key)!r} there "
                 f"and {value!r} here; resuming it would not continue that run"
             )
+
+
+def resolve(output_dir: str, requested: str | bool | None) -> str | None:
+    """The checkpoint folder to resume from: ``None``, a path, or ``True``/``"last"`` for the
+    newest complete ``checkpoint-N`` in ``output_dir``. Incomplete folders are never chosen."""
+    if requested in (None, False):
+        return None
+    if requested is True or requested == "last":
+        folders = Path(output_dir).glob("checkpoint-*") if Path(output_dir).is_dir() else []
+        steps = sorted(
+            int(f.name.split("-")[1]) for f in folders if f.name.split("-")[1].isdigit() and is_complete(f)
+        )
+        if not steps:
+            raise ValueError(f"resume_from_checkpoint: no complete checkpoint in {output_dir}")
+        return str(Path(output_dir) / f"checkpoint-{steps[-1]}")
+    if not Path(requested).is_dir():
+        raise ValueError(f"resume_from_checkpoint: {requested} is not a folder")
+    if not is_complete(requested):
+        raise ValueError(
+            f"resume_from_checkpoint: {requested} is not a complete SAPO checkpoint (no {RUN_FILE})"
+        )
+    return str(requested)
+
+
+IDENTITY_FIELDS = (
+    "loss_type",
+    "world_size",
+    "seed",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "sample_every_n_steps",
+    "segment_length",
+    "replay_buffer_size",
+)
+
+
+def run_identity(args, dataset, model: torch.nn.Module) -> dict[str, Any]:
+    """What must match for a checkpoint to continue a run exactly."""
+    identity = {name: getattr(args, name) for name in IDENTITY_FIELDS}
+    identity["dataset"] = dataset_fingerprint(dataset)
+    identity["model"] = model_fingerprint(model)
+    return identity

@@ -311,47 +311,10 @@ class SAPOTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """Train, or resume exactly from a complete checkpoint (a path, or ``True``/``"last"``)."""
-        path = self._resolve_checkpoint(resume_from_checkpoint)
+        path = checkpoint.resolve(self.args.output_dir, resume_from_checkpoint)
         if path is not None:
             self._load_sapo_state(path)
         return super().train(resume_from_checkpoint=path, **kwargs)
-
-    def _resolve_checkpoint(self, requested: str | bool | None) -> str | None:
-        if requested in (None, False):
-            return None
-        if requested is True or requested == "last":
-            found = sorted(
-                (int(name.split("-")[1]), os.path.join(self.args.output_dir, name))
-                for name in (os.listdir(self.args.output_dir) if os.path.isdir(self.args.output_dir) else [])
-                if name.startswith("checkpoint-") and name.split("-")[1].isdigit()
-            )
-            complete = [path for _, path in found if checkpoint.is_complete(path)]
-            if not complete:
-                raise ValueError(f"resume_from_checkpoint: no complete checkpoint in {self.args.output_dir}")
-            return complete[-1]
-        if not os.path.isdir(requested):
-            raise ValueError(f"resume_from_checkpoint: {requested} is not a folder")
-        if not checkpoint.is_complete(requested):
-            raise ValueError(
-                f"resume_from_checkpoint: {requested} is not a complete SAPO checkpoint "
-                f"(no {checkpoint.RUN_FILE})"
-            )
-        return str(requested)
-
-    def _run_identity(self) -> dict[str, Any]:
-        """What must match for a checkpoint to continue this run exactly."""
-        names = (
-            "loss_type",
-            "world_size",
-            "seed",
-            "per_device_train_batch_size",
-            "gradient_accumulation_steps",
-        )
-        names += ("sample_every_n_steps", "segment_length", "replay_buffer_size")
-        identity = {name: getattr(self.args, name) for name in names}
-        identity["dataset"] = checkpoint.dataset_fingerprint(self.train_dataset)
-        identity["model"] = checkpoint.model_fingerprint(self.accelerator.unwrap_model(self.model))
-        return identity
 
     def _get_output_dir(self, trial) -> str:
         # while a checkpoint is written, Trainer writes it into a staging folder (see _save_checkpoint)
@@ -387,7 +350,12 @@ class SAPOTrainer(Trainer):
                 checkpoint.save_module(self.ref_model, os.path.join(staged, checkpoint.REFERENCE_FILE))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            checkpoint.write_json(os.path.join(staged, checkpoint.RUN_FILE), self._run_identity())
+            checkpoint.write_json(
+                os.path.join(staged, checkpoint.RUN_FILE),
+                checkpoint.run_identity(
+                    self.args, self.train_dataset, self.accelerator.unwrap_model(self.model)
+                ),
+            )
             checkpoint.publish(staged, os.path.join(run_dir, name))
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.dirname(staged))
@@ -411,7 +379,9 @@ class SAPOTrainer(Trainer):
 
     def _load_sapo_state(self, path: str) -> None:
         checkpoint.check_same_run(
-            path, checkpoint.read_json(os.path.join(path, checkpoint.RUN_FILE)), self._run_identity()
+            path,
+            checkpoint.read_json(os.path.join(path, checkpoint.RUN_FILE)),
+            checkpoint.run_identity(self.args, self.train_dataset, self.accelerator.unwrap_model(self.model)),
         )
         tensors, metadata = checkpoint.load_rank_state(path, self.args.process_index)
         self.buffer.load_state_dict(checkpoint.buffer_from_tensors(tensors, metadata["buffer"]))
