@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.compute
-import safetensors.torch
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -101,15 +100,14 @@ def load_rank_state(directory: str | Path, rank: int) -> tuple[dict[str, torch.T
     return load_file(str(tensor_path)), read_json(json_path)
 
 
-def save_module(module: torch.nn.Module, path: str | Path) -> None:
-    """Weights of ``module`` as safetensors (tied weights stored once)."""
-    safetensors.torch.save_model(module, str(path))
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    save_file({name: t.detach().contiguous() for name, t in tensors.items()}, str(path))
 
 
-def load_module(module: torch.nn.Module, path: str | Path) -> None:
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     if not Path(path).exists():
         raise ValueError(f"checkpoint is missing {Path(path).name}")
-    safetensors.torch.load_model(module, str(path), strict=True)
+    return load_file(str(path))
 
 
 def publish(staged: str | Path, final: str | Path) -> None:

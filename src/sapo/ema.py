@@ -12,6 +12,7 @@ smaller than bfloat16's resolution and a bf16 average would stop moving.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -52,8 +53,21 @@ class EMAModel:
         for average, param in zip_named(self.model, target):
             param.copy_(average.to(device=param.device, dtype=param.dtype))
 
+    def sampling_model(self):
+        """The model to generate with: the float32 average itself."""
+        return contextlib.nullcontext(self.model)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The averaged weights (float32), one entry per distinct parameter (tied weights once)."""
+        return dict(self.model.named_parameters())
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, param in self.model.named_parameters():
+            param.copy_(tensors[name])
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The averaged weights (float32)."""
+        """The averaged model's state dict (float32)."""
         return self.model.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

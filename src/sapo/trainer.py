@@ -19,7 +19,7 @@ integrations, progress bar and checkpoint rotation. The SAPO pieces are componen
 from __future__ import annotations
 
 import contextlib
-import copy
+import functools
 import math
 import os
 import shutil
@@ -29,18 +29,26 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainerCallback
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+    set_seed,
+)
 from transformers.trainer_utils import rotate_checkpoints
 from trl.trainer.utils import disable_dropout_in_model
 
 from . import checkpoint
+from .adapters import policy_adapter_name
 from .buffer import ReplayBuffer
 from .config import SAPOConfig
 from .data import GOLD_IDS, PROMPT_IDS, prepare_dataset
-from .ema import EMAModel
 from .generation import SegmentGenerator
 from .logprobs import collate_pairs, completion_logps
 from .losses import dpo_loss, orpo_loss
+from .reference import build_ema_and_reference, is_peft_model
 from .segments import sample_cut, splice
 
 
@@ -107,9 +115,17 @@ class SAPOTrainer(Trainer):
         if processing_class.pad_token_id is None:
             processing_class.pad_token = processing_class.eos_token
         if peft_config is not None:
+            if is_peft_model(model):
+                raise ValueError(
+                    "peft_config: the model already carries adapters; pass peft_config=None to train its "
+                    "active adapter"
+                )
             from peft import get_peft_model
 
+            set_seed(args.seed)  # adapter initialisation is random: make it the run's
             model = get_peft_model(model, peft_config)
+        elif is_peft_model(model):
+            model.set_adapter(policy_adapter_name(model))  # an adapter loaded for inference becomes trainable
         if args.disable_dropout:
             disable_dropout_in_model(model)
 
@@ -148,18 +164,17 @@ class SAPOTrainer(Trainer):
             top_k=args.top_k,
             seed=args.seed + 104729 * (rank + 1),
         )
-        self.ema = EMAModel(policy, args.ema_decay, device=args.ema_device or self.args.device)
-        self.ref_model = None
-        if args.loss_type == "dpo":
-            self.ref_model = ref_model if ref_model is not None else copy.deepcopy(policy)
-            self.ref_model.to(self.args.device).eval().requires_grad_(False)
-            if args.disable_dropout:
-                disable_dropout_in_model(self.ref_model)
+        self.ema, self.reference = build_ema_and_reference(policy, self.args, ref_model)
         self.ref_model_sync_steps = args.ref_model_sync_steps
         self._window: deque[list[dict[str, Any]]] = deque()  # row batches of this window's later steps
         self._steps_generated_ahead = 0  # after a resume inside a window: steps whose rows have pairs
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self.add_callback(_AfterOptimizerStep(self))
+
+    @property
+    def ref_model(self):
+        """The reference model (DPO; for a PEFT policy, the policy model with its reference adapter)."""
+        return None if self.reference is None else self.reference.model
 
     @staticmethod
     def _eos_token_ids(model, tokenizer) -> list[int]:
@@ -216,8 +231,8 @@ class SAPOTrainer(Trainer):
         prefixes = [list(prompt) + list(gold[:cut]) for (prompt, gold), (cut, _) in zip(rows, cuts)]
         windows = [window for _, window in cuts]
         started = time.perf_counter()
-        with self.accelerator.autocast():
-            segments = self.segment_generator.generate(self.ema.model, prefixes, windows)
+        with self.ema.sampling_model() as sampler, self.accelerator.autocast():
+            segments = self.segment_generator.generate(sampler, prefixes, windows)
         self._metrics["sapo/generation_seconds"].append(time.perf_counter() - started)
         self._metrics["sapo/segment_tokens"].append(float(sum(len(segment) for segment in segments)))
         for (prompt, gold), (cut, _), segment in zip(rows, cuts, segments):
@@ -231,8 +246,8 @@ class SAPOTrainer(Trainer):
         logps, lengths = completion_logps(model, inputs)
         chosen_logps, rejected_logps = logps.chunk(2)
         if self.args.loss_type == "dpo":
-            with torch.no_grad():
-                ref_logps, _ = completion_logps(self.ref_model, inputs)
+            with torch.no_grad(), self.reference.scoring_model() as reference:
+                ref_logps, _ = completion_logps(reference, inputs)
             ref_chosen, ref_rejected = ref_logps.chunk(2)
             losses, chosen_rewards, rejected_rewards = dpo_loss(
                 chosen_logps, rejected_logps, ref_chosen, ref_rejected, self.args.beta
@@ -274,8 +289,8 @@ class SAPOTrainer(Trainer):
         """EMA update, then (DPO) copy the EMA into the reference when a sync is due."""
         if step % self.args.ema_update_interval == 0:
             self.ema.update(self.accelerator.unwrap_model(self.model))
-        if self.ref_model is not None and self.ref_model_sync_steps and step % self.ref_model_sync_steps == 0:
-            self.ema.copy_to(self.ref_model)
+        if self.reference is not None and self.ref_model_sync_steps and step % self.ref_model_sync_steps == 0:
+            self.reference.load_tensors(self.ema.tensors())
 
     def _set_sync_interval(self, train_dataloader) -> None:
         if self.ref_model_sync_steps is None and train_dataloader is not None:
@@ -316,6 +331,18 @@ class SAPOTrainer(Trainer):
             self._load_sapo_state(path)
         return super().train(resume_from_checkpoint=path, **kwargs)
 
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Save the model; for a PEFT policy only the policy adapter (not SAPO's EMA and reference)."""
+        policy = self.accelerator.unwrap_model(self.model)
+        if not is_peft_model(policy):
+            return super()._save(output_dir, state_dict)
+        save_all = policy.save_pretrained
+        policy.save_pretrained = functools.partial(save_all, selected_adapters=[policy_adapter_name(policy)])
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            del policy.save_pretrained  # back to the class's method
+
     def _get_output_dir(self, trial) -> str:
         # while a checkpoint is written, Trainer writes it into a staging folder (see _save_checkpoint)
         return getattr(self, "_staging_dir", None) or super()._get_output_dir(trial)
@@ -345,9 +372,11 @@ class SAPOTrainer(Trainer):
         tensors, metadata = self._rank_state()
         checkpoint.save_rank_state(staged, self.args.process_index, tensors, metadata)
         if self.args.should_save:
-            checkpoint.save_module(self.ema.model, os.path.join(staged, checkpoint.EMA_FILE))
-            if self.ref_model is not None:
-                checkpoint.save_module(self.ref_model, os.path.join(staged, checkpoint.REFERENCE_FILE))
+            checkpoint.save_tensors(self.ema.tensors(), os.path.join(staged, checkpoint.EMA_FILE))
+            if self.reference is not None:
+                checkpoint.save_tensors(
+                    self.reference.tensors(), os.path.join(staged, checkpoint.REFERENCE_FILE)
+                )
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             checkpoint.write_json(
@@ -391,6 +420,8 @@ class SAPOTrainer(Trainer):
         self.ref_model_sync_steps = metadata["ref_model_sync_steps"]
         self._steps_generated_ahead = metadata["steps_generated_ahead"]
         self._window.clear()
-        checkpoint.load_module(self.ema.model, os.path.join(path, checkpoint.EMA_FILE))
-        if self.ref_model is not None:
-            checkpoint.load_module(self.ref_model, os.path.join(path, checkpoint.REFERENCE_FILE))
+        self.ema.load_tensors(checkpoint.load_tensors(os.path.join(path, checkpoint.EMA_FILE)))
+        if self.reference is not None:
+            self.reference.load_tensors(
+                checkpoint.load_tensors(os.path.join(path, checkpoint.REFERENCE_FILE))
+            )

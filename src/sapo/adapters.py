@@ -1,0 +1,125 @@
+"""LoRA: the policy, its EMA and the DPO reference as three adapters on one frozen base model.
+
+Three full copies of a 7B model do not fit where DPO fits. With PEFT, only the adapters differ:
+the policy adapter trains, the ``sapo_ema`` adapter holds the moving average of the policy
+adapter (a float32 master copy is kept beside it), and the ``sapo_reference`` adapter holds the
+EMA weights of the last sync. Generation and reference passes switch the active adapter; the
+base weights exist once and never change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from trl.trainer.utils import use_adapter
+
+EMA_ADAPTER = "sapo_ema"
+REFERENCE_ADAPTER = "sapo_reference"
+
+
+def adapter_parameters(model: torch.nn.Module, adapter_name: str) -> dict[str, torch.nn.Parameter]:
+    """The parameters of one adapter, keyed by their name with the adapter's name left out,
+    so that the same key names the same weight in every adapter."""
+    found = {}
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        if adapter_name in parts:
+            found[".".join(part for part in parts if part != adapter_name)] = param
+    return found
+
+
+@torch.no_grad()
+def copy_weights(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> None:
+    """Copy tensors into same-named parameters, casting to their dtype and device."""
+    if source.keys() != target.keys():
+        differing = sorted(source.keys() ^ target.keys())[:3]
+        raise ValueError(f"weights differ in names, e.g. {differing}")
+    for name, param in target.items():
+        param.copy_(source[name].to(device=param.device, dtype=param.dtype))
+
+
+def add_frozen_copy(model, source_adapter: str, new_adapter: str) -> dict[str, torch.nn.Parameter]:
+    """Add ``new_adapter`` with ``source_adapter``'s config and weights; it never trains."""
+    if new_adapter in model.peft_config:
+        raise ValueError(f"the model already has an adapter named {new_adapter!r}")
+    model.add_adapter(new_adapter, copy.deepcopy(model.peft_config[source_adapter]))
+    params = adapter_parameters(model, new_adapter)
+    copy_weights(adapter_parameters(model, source_adapter), params)
+    for param in params.values():
+        param.requires_grad_(False)
+    return params
+
+
+class AdapterEMA:
+    """Moving average of the policy adapter, used for generation through the ``sapo_ema`` adapter.
+
+    Same interface as :class:`sapo.ema.EMAModel`; the float32 average lives in ``shadow`` and is
+    written into the adapter after each update (adapters may be stored in a lower precision).
+    """
+
+    def __init__(self, model, policy_adapter: str, decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.model = model
+        self.decay = decay
+        self.num_updates = 0
+        self._policy = adapter_parameters(model, policy_adapter)
+        self._adapter = add_frozen_copy(model, policy_adapter, EMA_ADAPTER)
+        self.shadow = {name: param.detach().float().clone() for name, param in self._policy.items()}
+
+    @torch.no_grad()
+    def update(self, policy: torch.nn.Module | None = None) -> None:
+        """``ema = decay * ema + (1 - decay) * policy`` over the policy adapter's weights."""
+        for name, average in self.shadow.items():
+            average.lerp_(
+                self._policy[name].detach().to(device=average.device, dtype=torch.float32), 1.0 - self.decay
+            )
+        copy_weights(self.shadow, self._adapter)
+        self.num_updates += 1
+
+    def sampling_model(self):
+        """The model with the EMA adapter active."""
+        return _activated(self.model, EMA_ADAPTER)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        copy_weights(tensors, self.shadow)
+        copy_weights(self.shadow, self._adapter)
+
+
+class AdapterReference:
+    """The DPO reference as the ``sapo_reference`` adapter; starts as a copy of the policy adapter."""
+
+    def __init__(self, model, policy_adapter: str):
+        self.model = model
+        self._adapter = add_frozen_copy(model, policy_adapter, REFERENCE_ADAPTER)
+
+    def scoring_model(self):
+        """The model with the reference adapter active."""
+        return _activated(self.model, REFERENCE_ADAPTER)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self._adapter)
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        copy_weights(tensors, self._adapter)
+
+
+@contextlib.contextmanager
+def _activated(model, adapter_name: str):
+    with use_adapter(model, adapter_name):
+        yield model
+
+
+def policy_adapter_name(model) -> str:
+    """The adapter that trains: the active one (PEFT models carry one active adapter here)."""
+    active = model.active_adapter
+    if isinstance(active, (list, tuple)):
+        if len(active) != 1:
+            raise ValueError(f"the model has several active adapters {active}; SAPO trains exactly one")
+        active = active[0]
+    return active
