@@ -138,7 +138,9 @@ def test_model_that_already_carries_an_adapter(tmp_path, tokenizer, addition_dat
 
 def test_adapter_resume_is_bit_identical(tmp_path, tokenizer, addition_dataset):
     def run(output_dir, **overrides):
-        settings = dict(max_steps=6, save_strategy="steps", save_steps=3, sample_every_n_steps=2, learning_rate=1e-2)
+        settings = dict(
+            max_steps=6, save_strategy="steps", save_steps=3, sample_every_n_steps=2, learning_rate=1e-2
+        )
         settings.update(overrides)
         trainer = SAPOTrainer(
             model=tiny_llama(tokenizer, seed=0),

@@ -18,6 +18,7 @@ integrations, progress bar and checkpoint rotation. The SAPO pieces are componen
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import math
@@ -170,6 +171,9 @@ class SAPOTrainer(Trainer):
         self._steps_generated_ahead = 0  # after a resume inside a window: steps whose rows have pairs
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self.add_callback(_AfterOptimizerStep(self))
+        if self.args.world_size > 1:
+            # gloo may abort at interpreter exit while its group is alive; end it first
+            atexit.register(self.accelerator.state.destroy_process_group)
 
     @property
     def ref_model(self):
