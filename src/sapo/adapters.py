@@ -19,6 +19,10 @@ EMA_ADAPTER = "sapo_ema"
 REFERENCE_ADAPTER = "sapo_reference"
 
 
+def is_peft_model(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "active_adapter")
+
+
 def adapter_parameters(model: torch.nn.Module, adapter_name: str) -> dict[str, torch.nn.Parameter]:
     """The parameters of one adapter, keyed by their name with the adapter's name left out,
     so that the same key names the same weight in every adapter."""

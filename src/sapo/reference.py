@@ -16,7 +16,7 @@ import copy
 import torch
 from trl.trainer.utils import disable_dropout_in_model
 
-from .adapters import AdapterEMA, AdapterReference, policy_adapter_name
+from .adapters import AdapterEMA, AdapterReference, is_peft_model, policy_adapter_name
 from .ema import EMAModel
 
 
@@ -38,10 +38,6 @@ class CopiedReference:
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, param in self.model.named_parameters():
             param.copy_(tensors[name].to(device=param.device, dtype=param.dtype))
-
-
-def is_peft_model(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "active_adapter")
 
 
 def build_ema_and_reference(policy, args, ref_model=None):

@@ -31,25 +31,23 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
     PreTrainedModel,
     Trainer,
     TrainerCallback,
-    set_seed,
 )
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import rotate_checkpoints
-from trl.trainer.utils import disable_dropout_in_model
 
 from . import checkpoint
-from .adapters import policy_adapter_name
+from .adapters import is_peft_model, policy_adapter_name
 from .buffer import ReplayBuffer
 from .config import SAPOConfig
 from .data import GOLD_IDS, PROMPT_IDS, prepare_dataset
 from .generation import SegmentGenerator
 from .logprobs import collate_pairs, completion_logps
 from .losses import dpo_loss, orpo_loss
-from .reference import build_ema_and_reference, is_peft_model
+from .policy import eos_token_ids, prepare_policy
+from .reference import build_ema_and_reference
 from .segments import sample_cut, splice
 
 
@@ -104,31 +102,7 @@ class SAPOTrainer(Trainer):
             raise ValueError(
                 "ref_model: ORPO uses no reference model; pass ref_model only with loss_type='dpo'"
             )
-        if isinstance(model, str):
-            model_id = model
-            model = AutoModelForCausalLM.from_pretrained(model_id, **(args.model_init_kwargs or {}))
-            if processing_class is None:
-                processing_class = AutoTokenizer.from_pretrained(model_id)
-        if processing_class is None:
-            raise ValueError(
-                "processing_class (the tokenizer) is required when model is given as an instance"
-            )
-        if processing_class.pad_token_id is None:
-            processing_class.pad_token = processing_class.eos_token
-        if peft_config is not None:
-            if is_peft_model(model):
-                raise ValueError(
-                    "peft_config: the model already carries adapters; pass peft_config=None to train its "
-                    "active adapter"
-                )
-            from peft import get_peft_model
-
-            set_seed(args.seed)  # adapter initialisation is random: make it the run's
-            model = get_peft_model(model, peft_config)
-        elif is_peft_model(model):
-            model.set_adapter(policy_adapter_name(model))  # an adapter loaded for inference becomes trainable
-        if args.disable_dropout:
-            disable_dropout_in_model(model)
+        model, processing_class = prepare_policy(model, args, processing_class, peft_config)
 
         if not (PROMPT_IDS in train_dataset.column_names and GOLD_IDS in train_dataset.column_names):
             with args.main_process_first(desc="tokenizing the training set"):
@@ -152,9 +126,14 @@ class SAPOTrainer(Trainer):
         # the loss is a mean over the batch: Trainer divides it by the accumulation steps
         self.model_accepts_loss_kwargs = False
 
+        if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
+            raise ValueError(
+                "sharded weights (FSDP, DeepSpeed ZeRO-3) are not supported yet: the EMA and reference "
+                "would need per-shard updates; use DDP or DeepSpeed ZeRO-2, with LoRA for large models"
+            )
         policy = self.accelerator.unwrap_model(self.model)
         rank = self.args.process_index
-        self.eos_token_ids = self._eos_token_ids(policy, processing_class)
+        self.eos_token_ids = eos_token_ids(policy, processing_class)
         self.buffer = ReplayBuffer(args.replay_buffer_size, seed=args.seed + rank)
         self.cut_generator = torch.Generator().manual_seed(args.seed + 7919 * (rank + 1))
         self.segment_generator = SegmentGenerator(
@@ -179,14 +158,6 @@ class SAPOTrainer(Trainer):
     def ref_model(self):
         """The reference model (DPO; for a PEFT policy, the policy model with its reference adapter)."""
         return None if self.reference is None else self.reference.model
-
-    @staticmethod
-    def _eos_token_ids(model, tokenizer) -> list[int]:
-        ids = {tokenizer.eos_token_id}
-        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        if configured is not None:
-            ids.update([configured] if isinstance(configured, int) else configured)
-        return sorted(i for i in ids if i is not None)
 
     # -- the SAPO step ---------------------------------------------------------------------------
 
