@@ -257,3 +257,30 @@ def test_same_seed_same_run(tmp_path, tokenizer, addition_dataset):
         finals.append([p.detach().clone() for p in trainer.model.parameters()])
     for a, b in zip(*finals):
         assert torch.equal(a, b)
+
+
+def test_reference_logps_are_reused_until_the_next_sync(tmp_path, tokenizer, tiny_model, addition_dataset):
+    from sapo.logprobs import collate_pairs, completion_logps
+
+    trainer = SAPOTrainer(
+        model=tiny_model,
+        args=make_args(tmp_path, max_steps=7, replay_buffer_size=16, ref_model_sync_steps=4, logging_steps=1),
+        train_dataset=addition_dataset,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    reuse = [
+        entry["sapo/reference_reuse"]
+        for entry in trainer.state.log_history
+        if "sapo/reference_reuse" in entry
+    ]
+    assert reuse[0] == 0.0 and max(reuse) > 0.0
+    assert trainer._reference_version == 1
+    cached = [item for item in trainer.buffer.items() if item.get("ref_version") == 1]
+    assert cached  # pairs drawn since the sync at step 4
+    with torch.no_grad():
+        fresh, _ = completion_logps(trainer.ref_model, collate_pairs(cached, tokenizer.pad_token_id))
+    expected = torch.stack(fresh.chunk(2), dim=1)
+    torch.testing.assert_close(
+        torch.tensor([item["ref_logps"] for item in cached]), expected.double(), atol=1e-5, rtol=0
+    )

@@ -58,6 +58,13 @@ def buffer_to_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], d
         tensors[f"buffer_{field}"] = torch.tensor([t for s in sequences for t in s], dtype=torch.int64)
         tensors[f"buffer_{field}_lengths"] = torch.tensor([len(s) for s in sequences], dtype=torch.int64)
     tensors["buffer_step"] = torch.tensor([item["step"] for item in items], dtype=torch.int64)
+    # reference log-probs cached on a pair for one reference version (-1: none cached)
+    tensors["buffer_ref_version"] = torch.tensor(
+        [item.get("ref_version", -1) for item in items], dtype=torch.int64
+    )
+    tensors["buffer_ref_logps"] = torch.tensor(
+        [item.get("ref_logps", (0.0, 0.0)) for item in items], dtype=torch.float64
+    ).reshape(-1, 2)
     tensors["buffer_times_sampled"] = torch.tensor(state["times_sampled"], dtype=torch.int64)
     tensors["buffer_added"] = torch.tensor(state["added"], dtype=torch.int64)
     metadata = {key: state[key] for key in ("capacity", "seed", "total_added")}
@@ -73,9 +80,14 @@ def buffer_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, An
         offsets = [0, *accumulate(lengths)][:-1]
         columns[field] = [flat[start : start + length] for start, length in zip(offsets, lengths)]
     steps = tensors["buffer_step"].tolist()
-    items = [
-        {**{field: columns[field][i] for field in PAIR_FIELDS}, "step": steps[i]} for i in range(len(steps))
-    ]
+    ref_versions = tensors["buffer_ref_version"].tolist()
+    ref_logps = [tuple(values) for values in tensors["buffer_ref_logps"].tolist()]
+    items = []
+    for i, step in enumerate(steps):
+        item = {**{field: columns[field][i] for field in PAIR_FIELDS}, "step": step}
+        if ref_versions[i] >= 0:
+            item["ref_logps"], item["ref_version"] = ref_logps[i], ref_versions[i]
+        items.append(item)
     return {
         **metadata,
         "items": items,

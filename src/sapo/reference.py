@@ -58,3 +58,27 @@ def build_ema_and_reference(policy, args, ref_model=None):
         reference_model = ref_model if ref_model is not None else copy.deepcopy(policy)
         reference = CopiedReference(reference_model, args.device, args.disable_dropout)
     return ema, reference
+
+
+@torch.no_grad()
+def reference_logps(
+    reference, pairs, version: int, collate, score, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs of each pair's chosen and rejected answers, ``(chosen, rejected)``.
+
+    A pair drawn again before the next sync (same ``version``) reuses the values stored on it
+    (``ref_logps``, ``ref_version``); only the other pairs go through the reference model, in one
+    batch built by ``collate`` and scored by ``score`` (e.g. ``collate_pairs``/``completion_logps``).
+    """
+    missing = list({id(p): p for p in pairs if p.get("ref_version") != version}.values())
+    if missing:
+        batch = {name: tensor.to(device) for name, tensor in collate(missing).items()}
+        with reference.scoring_model() as model:
+            logps, _ = score(model, batch)
+        chosen, rejected = logps.float().cpu().chunk(2)
+        for pair, chosen_logp, rejected_logp in zip(missing, chosen.tolist(), rejected.tolist()):
+            pair["ref_logps"] = (chosen_logp, rejected_logp)
+            pair["ref_version"] = version
+    chosen = torch.tensor([p["ref_logps"][0] for p in pairs], dtype=torch.float32)
+    rejected = torch.tensor([p["ref_logps"][1] for p in pairs], dtype=torch.float32)
+    return chosen, rejected

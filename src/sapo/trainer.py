@@ -47,7 +47,7 @@ from .generation import SegmentGenerator
 from .logprobs import collate_pairs, completion_logps
 from .losses import dpo_loss, orpo_loss
 from .policy import eos_token_ids, prepare_policy
-from .reference import build_ema_and_reference
+from .reference import build_ema_and_reference, reference_logps
 from .segments import sample_cut, splice
 
 
@@ -146,6 +146,9 @@ class SAPOTrainer(Trainer):
         )
         self.ema, self.reference = build_ema_and_reference(policy, self.args, ref_model)
         self.ref_model_sync_steps = args.ref_model_sync_steps
+        self._reference_version = 0  # bumped at every sync; cached reference log-probs carry it
+        self._collate = functools.partial(collate_pairs, pad_token_id=processing_class.pad_token_id)
+        self._score = completion_logps
         self._window: deque[list[dict[str, Any]]] = deque()  # row batches of this window's later steps
         self._steps_generated_ahead = 0  # after a resume inside a window: steps whose rows have pairs
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -192,7 +195,19 @@ class SAPOTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Train on a batch drawn from the replay buffer; dataset rows only feed generation."""
         pairs = self.buffer.sample(self.args.per_device_train_batch_size)
-        batch = collate_pairs(pairs, self.processing_class.pad_token_id)
+        batch = self._collate(pairs)
+        if self.reference is not None:
+            reused = sum(pair.get("ref_version") == self._reference_version for pair in pairs)
+            self._record("sapo/reference_reuse", torch.tensor([reused / len(pairs)]))
+            with self.compute_loss_context_manager():
+                batch["ref_chosen_logps"], batch["ref_rejected_logps"] = reference_logps(
+                    self.reference,
+                    pairs,
+                    self._reference_version,
+                    self._collate,
+                    self._score,
+                    self.args.device,
+                )
         return super().training_step(model, batch, num_items_in_batch)
 
     def _generate_pairs(self, rows: list[tuple[list[int], list[int]]], step: int) -> None:
@@ -218,14 +233,15 @@ class SAPOTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """DPO or ORPO on a buffer batch (rows ``[:B]`` chosen, ``[B:]`` rejected)."""
-        logps, lengths = completion_logps(model, inputs)
+        logps, lengths = self._score(model, inputs)
         chosen_logps, rejected_logps = logps.chunk(2)
         if self.args.loss_type == "dpo":
-            with torch.no_grad(), self.reference.scoring_model() as reference:
-                ref_logps, _ = completion_logps(reference, inputs)
-            ref_chosen, ref_rejected = ref_logps.chunk(2)
             losses, chosen_rewards, rejected_rewards = dpo_loss(
-                chosen_logps, rejected_logps, ref_chosen, ref_rejected, self.args.beta
+                chosen_logps,
+                rejected_logps,
+                inputs["ref_chosen_logps"],
+                inputs["ref_rejected_logps"],
+                self.args.beta,
             )
             self._record("logps/chosen", chosen_logps)
             self._record("logps/rejected", rejected_logps)
@@ -266,6 +282,7 @@ class SAPOTrainer(Trainer):
             self.ema.update(self.accelerator.unwrap_model(self.model))
         if self.reference is not None and self.ref_model_sync_steps and step % self.ref_model_sync_steps == 0:
             self.reference.load_tensors(self.ema.tensors())
+            self._reference_version += 1
 
     def _set_sync_interval(self, train_dataloader) -> None:
         if self.ref_model_sync_steps is None and train_dataloader is not None:
@@ -377,6 +394,7 @@ class SAPOTrainer(Trainer):
             "global_step": self.state.global_step,
             "ema_updates": self.ema.num_updates,
             "ref_model_sync_steps": self.ref_model_sync_steps,
+            "reference_version": self._reference_version,
             "steps_generated_ahead": len(self._window) + self._steps_generated_ahead,
         }
         return tensors, metadata
@@ -393,6 +411,7 @@ class SAPOTrainer(Trainer):
         self.segment_generator.generator.set_state(tensors["sampling_generator_state"])
         self.ema.num_updates = metadata["ema_updates"]
         self.ref_model_sync_steps = metadata["ref_model_sync_steps"]
+        self._reference_version = metadata["reference_version"]
         self._steps_generated_ahead = metadata["steps_generated_ahead"]
         self._window.clear()
         self.ema.load_tensors(checkpoint.load_tensors(os.path.join(path, checkpoint.EMA_FILE)))
