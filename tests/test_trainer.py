@@ -282,5 +282,5 @@ def test_reference_logps_are_reused_until_the_next_sync(tmp_path, tokenizer, tin
         fresh, _ = completion_logps(trainer.ref_model, collate_pairs(cached, tokenizer.pad_token_id))
     expected = torch.stack(fresh.chunk(2), dim=1)
     torch.testing.assert_close(
-        torch.tensor([item["ref_logps"] for item in cached]), expected.double(), atol=1e-5, rtol=0
+        torch.tensor([item["ref_logps"] for item in cached], dtype=torch.float64), expected.double(), atol=1e-5, rtol=0
     )
