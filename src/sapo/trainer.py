@@ -45,7 +45,7 @@ from .config import SAPOConfig
 from .data import GOLD_IDS, PROMPT_IDS, prepare_dataset
 from .generation import SegmentGenerator
 from .logprobs import collate_pairs, completion_logps
-from .losses import dpo_loss, orpo_loss
+from .objective import preference_objective
 from .policy import eos_token_ids, prepare_policy
 from .reference import build_ema_and_reference, reference_logps
 from .segments import sample_cut, splice
@@ -233,48 +233,15 @@ class SAPOTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """DPO or ORPO on a buffer batch (rows ``[:B]`` chosen, ``[B:]`` rejected)."""
-        logps, lengths = self._score(model, inputs)
-        chosen_logps, rejected_logps = logps.chunk(2)
-        if self.args.loss_type == "dpo":
-            losses, chosen_rewards, rejected_rewards = dpo_loss(
-                chosen_logps,
-                rejected_logps,
-                inputs["ref_chosen_logps"],
-                inputs["ref_rejected_logps"],
-                self.args.beta,
-            )
-            self._record("logps/chosen", chosen_logps)
-            self._record("logps/rejected", rejected_logps)
-        else:
-            chosen_lengths, rejected_lengths = lengths.chunk(2)
-            chosen_avg = chosen_logps / chosen_lengths.clamp(min=1)
-            rejected_avg = rejected_logps / rejected_lengths.clamp(min=1)
-            nll = -chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
-            losses, log_odds_ratio, log_odds_chosen = orpo_loss(nll, chosen_avg, rejected_avg, self.args.beta)
-            chosen_rewards, rejected_rewards = (
-                self.args.beta * chosen_avg.detach(),
-                self.args.beta * rejected_avg.detach(),
-            )
-            self._record("nll_loss", nll)
-            self._record("log_odds_ratio", log_odds_ratio)
-            self._record("log_odds_chosen", log_odds_chosen)
-            self._record("logps/chosen", chosen_avg)
-            self._record("logps/rejected", rejected_avg)
-        self._record("rewards/chosen", chosen_rewards)
-        self._record("rewards/rejected", rejected_rewards)
-        self._record("rewards/margins", chosen_rewards - rejected_rewards)
-        self._record("rewards/accuracies", (chosen_rewards > rejected_rewards).float())
-        loss = losses.mean()
+        loss, metrics = preference_objective(model, inputs, self.args.loss_type, self.args.beta, self._score)
+        for name, values in metrics.items():
+            self._record(name, values)
         if not torch.isfinite(self.accelerator.gather(loss.detach()[None])).all():
             raise FloatingPointError(
                 f"non-finite loss at step {self.state.global_step + 1}; stopping before it reaches the "
                 "weights (lower the learning rate, check the data, or train in float32)"
             )
-        return (
-            (loss, {"chosen_logps": chosen_logps, "rejected_logps": rejected_logps})
-            if return_outputs
-            else loss
-        )
+        return (loss, metrics) if return_outputs else loss
 
     def _after_optimizer_step(self, step: int) -> None:
         """EMA update, then (DPO) copy the EMA into the reference when a sync is due."""
