@@ -1,0 +1,162 @@
+"""SPIN (Self-Play fINe-tuning), the iterative baseline SAPO is compared with in its paper.
+
+Each iteration, the current model answers every prompt of the dataset (one batched ``generate``
+call per batch of prompts, greedy by default), then trains with DPO on gold (chosen) against its
+own answers (rejected), the reference being the model as it was at the start of the iteration.
+The pieces are sapo's own: data preparation, batched generation, the pair collator, the cached
+reference log-probs and the DPO objective.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from dataclasses import dataclass, field
+
+from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainingArguments
+
+from .data import GOLD_IDS, PROMPT_IDS, prepare_dataset
+from .generation import SegmentGenerator
+from .logprobs import collate_pairs, completion_logps
+from .objective import preference_objective
+from .policy import eos_token_ids, prepare_policy
+from .reference import CopiedReference, reference_logps
+
+
+@dataclass
+class SPINConfig(TrainingArguments):
+    r"""
+    Configuration of [`run_spin`]. Every [`~transformers.TrainingArguments`] field applies to each
+    iteration's training (e.g. `num_train_epochs` per iteration).
+
+    Parameters:
+        spin_iterations (`int`, *optional*, defaults to `3`):
+            Number of generate-then-train rounds.
+        beta (`float`, *optional*, defaults to `0.1`):
+            DPO's β.
+        max_new_tokens (`int`, *optional*, defaults to `256`):
+            Longest generated answer.
+        temperature (`float` or `None`, *optional*, defaults to `None`):
+            Sampling temperature of the generated answers; `None` decodes greedily (SPIN's choice).
+        generation_batch_size (`int`, *optional*, defaults to `64`):
+            Prompts per `generate` call.
+        max_length (`int` or `None`, *optional*, defaults to `2048`):
+            Most tokens of prompt plus answer; gold answers are cut to fit.
+        max_prompt_length (`int` or `None`, *optional*, defaults to `1792`):
+            Rows with a longer prompt are dropped, with one warning that counts them.
+        disable_dropout (`bool`, *optional*, defaults to `True`):
+            Whether to disable dropout in the policy.
+
+    > [!NOTE]
+    > Defaults that differ from [`~transformers.TrainingArguments`]: `logging_steps=10`,
+    > `remove_unused_columns=False`, `save_strategy="no"` (each iteration's model is saved under
+    > `output_dir/iteration-k`).
+    """
+
+    spin_iterations: int = field(default=3, metadata={"help": "Number of generate-then-train rounds."})
+    beta: float = field(default=0.1, metadata={"help": "DPO's beta."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest generated answer."})
+    temperature: float | None = field(default=None, metadata={"help": "Sampling temperature; None: greedy."})
+    generation_batch_size: int = field(default=64, metadata={"help": "Prompts per generate call."})
+    max_length: int | None = field(default=2048, metadata={"help": "Most tokens of prompt plus answer."})
+    max_prompt_length: int | None = field(default=1792, metadata={"help": "Most prompt tokens."})
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Whether to disable dropout in the policy."}
+    )
+    model_init_kwargs: dict | None = field(default=None, metadata={"help": "Arguments to load a model id."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every this many optimizer steps."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: batches are pairs."})
+    save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy inside an iteration."})
+
+    def __post_init__(self):
+        for name in ("spin_iterations", "max_new_tokens", "generation_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be positive")
+        if self.beta <= 0:
+            raise ValueError(f"beta={self.beta!r}: must be positive")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature!r}: must be positive, or None for greedy")
+        super().__post_init__()
+
+
+def generate_answers(model, rows, tokenizer, args: SPINConfig, seed: int) -> list[list[int]]:
+    """The model's own answer to every prompt, batched, each ending at EOS or ``max_new_tokens``."""
+    eos = eos_token_ids(model, tokenizer)
+    greedy = args.temperature is None
+    sampler = SegmentGenerator(
+        tokenizer.pad_token_id,
+        eos,
+        temperature=args.temperature or 1.0,
+        top_p=1.0,
+        top_k=1 if greedy else 0,
+        seed=seed,
+    )
+    answers = []
+    was_training = model.training
+    model.eval()
+    for start in tqdm(range(0, len(rows), args.generation_batch_size), desc="SPIN generation", leave=False):
+        prompts = [prompt for prompt, _ in rows[start : start + args.generation_batch_size]]
+        limits = [max(1, min(args.max_new_tokens, (args.max_length or 10**9) - len(p))) for p in prompts]
+        answers.extend(sampler.generate(model, prompts, limits))
+    model.train(was_training)
+    return answers
+
+
+class PairTrainer(Trainer):
+    """DPO on a fixed dataset of pairs against a frozen reference (one SPIN iteration)."""
+
+    def __init__(
+        self, model, args: SPINConfig, pairs: Dataset, reference: CopiedReference, tokenizer, version: int
+    ):
+        collate = functools.partial(collate_pairs, pad_token_id=tokenizer.pad_token_id)
+        super().__init__(
+            model=model, args=args, train_dataset=pairs, data_collator=list, processing_class=tokenizer
+        )
+        self.model_accepts_loss_kwargs = False
+        self.reference, self._collate, self._version = reference, collate, version
+        self._metrics: dict[str, list[float]] = {}
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        batch = self._collate(inputs)
+        with self.compute_loss_context_manager():
+            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = reference_logps(
+                self.reference, inputs, self._version, self._collate, completion_logps, self.args.device
+            )
+        return super().training_step(model, batch, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, metrics = preference_objective(model, inputs, "dpo", self.args.beta, completion_logps)
+        for name, values in metrics.items():
+            gathered = self.accelerator.gather_for_metrics(values.float().reshape(-1)).mean().item()
+            self._metrics.setdefault(name, []).append(gathered)
+        return (loss, metrics) if return_outputs else loss
+
+    def log(self, logs, start_time=None):
+        logs.update({name: sum(values) / len(values) for name, values in self._metrics.items()})
+        self._metrics.clear()
+        super().log(logs, start_time)
+
+
+def run_spin(model, args: SPINConfig, train_dataset: Dataset, processing_class=None):
+    """Run ``args.spin_iterations`` SPIN iterations; returns the final model and each iteration's log."""
+    model, tokenizer = prepare_policy(model, args, processing_class)
+    data = prepare_dataset(train_dataset, tokenizer, args.max_length, args.max_prompt_length)
+    rows = list(zip(data[PROMPT_IDS], data[GOLD_IDS]))
+    histories = []
+    for iteration in range(args.spin_iterations):
+        answers = generate_answers(model, rows, tokenizer, args, seed=args.seed + iteration)
+        pairs = Dataset.from_list(
+            [{"prompt_ids": p, "chosen_ids": g, "rejected_ids": a} for (p, g), a in zip(rows, answers)]
+        )
+        reference = CopiedReference(copy.deepcopy(model), args.device, args.disable_dropout)
+        iteration_args = copy.deepcopy(args)
+        iteration_args.output_dir = os.path.join(args.output_dir, f"iteration-{iteration + 1}")
+        trainer = PairTrainer(model, iteration_args, pairs, reference, tokenizer, version=iteration)
+        trainer.train()
+        trainer.save_model()
+        histories.append(trainer.state.log_history)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+    return model, histories
