@@ -15,6 +15,8 @@ import copy
 import torch
 from trl.trainer.utils import use_adapter
 
+from .ema import copy_weights
+
 EMA_ADAPTER = "sapo_ema"
 REFERENCE_ADAPTER = "sapo_reference"
 
@@ -32,16 +34,6 @@ def adapter_parameters(model: torch.nn.Module, adapter_name: str) -> dict[str, t
         if adapter_name in parts:
             found[".".join(part for part in parts if part != adapter_name)] = param
     return found
-
-
-@torch.no_grad()
-def copy_weights(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> None:
-    """Copy tensors into same-named parameters, casting to their dtype and device."""
-    if source.keys() != target.keys():
-        differing = sorted(source.keys() ^ target.keys())[:3]
-        raise ValueError(f"weights differ in names, e.g. {differing}")
-    for name, param in target.items():
-        param.copy_(source[name].to(device=param.device, dtype=param.dtype))
 
 
 def add_frozen_copy(model, source_adapter: str, new_adapter: str) -> dict[str, torch.nn.Parameter]:

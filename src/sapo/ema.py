@@ -47,11 +47,9 @@ class EMAModel:
             average.lerp_(current.detach().to(device=average.device, dtype=torch.float32), 1.0 - self.decay)
         self.num_updates += 1
 
-    @torch.no_grad()
     def copy_to(self, target: nn.Module) -> None:
         """Write the averaged weights into ``target`` (cast to its dtype), e.g. the DPO reference."""
-        for average, param in zip_named(self.model, target):
-            param.copy_(average.to(device=param.device, dtype=param.dtype))
+        copy_weights(self.tensors(), dict(target.named_parameters()))
 
     def sampling_model(self):
         """The model to generate with: the float32 average itself."""
@@ -61,10 +59,8 @@ class EMAModel:
         """The averaged weights (float32), one entry per distinct parameter (tied weights once)."""
         return dict(self.model.named_parameters())
 
-    @torch.no_grad()
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        for name, param in self.model.named_parameters():
-            param.copy_(tensors[name])
+        copy_weights(tensors, dict(self.model.named_parameters()))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The averaged model's state dict (float32)."""
@@ -83,3 +79,13 @@ def zip_named(source: nn.Module, target: nn.Module):
         raise ValueError(f"models differ in parameters, e.g. {missing}")
     for name, param in source_params.items():
         yield param, target_params[name]
+
+
+@torch.no_grad()
+def copy_weights(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> None:
+    """Copy tensors into same-named parameters, casting to their dtype and device."""
+    if source.keys() != target.keys():
+        differing = sorted(source.keys() ^ target.keys())[:3]
+        raise ValueError(f"weights differ in names, e.g. {differing}")
+    for name, param in target.items():
+        param.copy_(source[name].to(device=param.device, dtype=param.dtype))

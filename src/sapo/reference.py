@@ -17,7 +17,7 @@ import torch
 from trl.trainer.utils import disable_dropout_in_model
 
 from .adapters import AdapterEMA, AdapterReference, is_peft_model, policy_adapter_name
-from .ema import EMAModel
+from .ema import EMAModel, copy_weights
 
 
 class CopiedReference:
@@ -34,10 +34,8 @@ class CopiedReference:
     def tensors(self) -> dict[str, torch.Tensor]:
         return dict(self.model.named_parameters())
 
-    @torch.no_grad()
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        for name, param in self.model.named_parameters():
-            param.copy_(tensors[name].to(device=param.device, dtype=param.dtype))
+        copy_weights(tensors, dict(self.model.named_parameters()))
 
 
 def build_ema_and_reference(policy, args, ref_model=None):
