@@ -46,6 +46,7 @@ from .data import GOLD_IDS, PROMPT_IDS, prepare_dataset
 from .generation import SegmentGenerator
 from .logprobs import collate_pairs, completion_logps
 from .objective import preference_objective
+from .packing import pack_pairs, packed_completion_logps, supports_packing
 from .policy import eos_token_ids, prepare_policy
 from .reference import build_ema_and_reference, reference_logps
 from .segments import sample_cut, splice
@@ -147,8 +148,13 @@ class SAPOTrainer(Trainer):
         self.ema, self.reference = build_ema_and_reference(policy, self.args, ref_model)
         self.ref_model_sync_steps = args.ref_model_sync_steps
         self._reference_version = 0  # bumped at every sync; cached reference log-probs carry it
-        self._collate = functools.partial(collate_pairs, pad_token_id=processing_class.pad_token_id)
-        self._score = completion_logps
+        # chosen and rejected share prompt + gold[:cut]: score both in one packed row where the
+        # attention implementation takes a 4D mask, else as two padded rows
+        packed = supports_packing(policy)
+        self._collate = functools.partial(
+            pack_pairs if packed else collate_pairs, pad_token_id=processing_class.pad_token_id
+        )
+        self._score = packed_completion_logps if packed else completion_logps
         self._window: deque[list[dict[str, Any]]] = deque()  # row batches of this window's later steps
         self._steps_generated_ahead = 0  # after a resume inside a window: steps whose rows have pairs
         self._metrics: dict[str, list[float]] = defaultdict(list)

@@ -1,0 +1,168 @@
+"""Score a preference pair in one packed row: the shared prefix once, then both continuations.
+
+SAPO's chosen and rejected answers agree on ``prompt + gold[:cut]`` (and on any further tokens
+the sampled segment happens to repeat), so scoring them as two padded rows runs the model over
+that prefix twice. A packed row holds it once::
+
+    [shared prefix][chosen tail][rejected tail][padding]
+
+Position ids restart at the prefix length for the rejected tail, and a 4D attention mask lets
+each tail see the prefix and itself causally but not the other tail, so every token gets exactly
+the hidden state it would get in its own unpadded sequence. :func:`pack_pairs` and
+:func:`packed_completion_logps` return what ``sapo.logprobs.collate_pairs`` and
+``sapo.logprobs.completion_logps`` return for the same pairs, so either pair of functions can
+score a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from trl.trainer.utils import selective_log_softmax
+
+PREFIX, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1
+# attention implementations that accept an arbitrary 4D mask (flash attention and flex do not)
+_MASK_FORMATS = {"sdpa": "bool", "eager": "additive"}
+
+
+def common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
+    """Number of leading tokens ``first`` and ``second`` share."""
+    length = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
+def _pack_one(pair: dict[str, Any]) -> dict[str, list]:
+    """One pair's packed row and, per position, the token it predicts on each side.
+
+    Position ``i`` of the packed row predicts the next token of the sequence it belongs to; the
+    last prefix position predicts the first token of both tails, so targets come per side.
+    A token at sequence position ``t`` is scored when it is a response token and ``t >= 1``
+    (the first token of a sequence has no prediction), as in ``collate_pairs``.
+    """
+    prompt = list(pair["prompt_ids"])
+    sides = {CHOSEN: prompt + list(pair["chosen_ids"]), REJECTED: prompt + list(pair["rejected_ids"])}
+    shared = common_prefix_length(sides[CHOSEN], sides[REJECTED])
+    tails = {side: sequence[shared:] for side, sequence in sides.items()}
+    ids = sides[CHOSEN][:shared] + tails[CHOSEN] + tails[REJECTED]
+    width = len(ids)
+    row = {
+        "input_ids": ids,
+        "position_ids": list(range(shared))
+        + [shared + i for side in (CHOSEN, REJECTED) for i in range(len(tails[side]))],
+        "segment_ids": [PREFIX] * shared + [CHOSEN] * len(tails[CHOSEN]) + [REJECTED] * len(tails[REJECTED]),
+        "targets": [[0, 0] for _ in range(width)],
+        "target_mask": [[0, 0] for _ in range(width)],
+    }
+    # where the tail of each side starts in the packed row
+    offsets = {CHOSEN: shared, REJECTED: shared + len(tails[CHOSEN])}
+    for column, side in enumerate((CHOSEN, REJECTED)):
+        sequence = sides[side]
+        for t in range(max(1, len(prompt)), len(sequence)):
+            source = t - 1 if t - 1 < shared else offsets[side] + (t - 1 - shared)
+            row["targets"][source][column] = sequence[t]
+            row["target_mask"][source][column] = 1
+    return row
+
+
+def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean ``(N, 1, W, W)`` mask, True where query ``q`` may attend to key ``k``.
+
+    Causal within the packed row; a tail sees the prefix and itself, never the other tail;
+    nobody sees padding. Every query also sees itself: a padding query in a row without a shared
+    prefix would otherwise see nothing, and older torch versions and some GPU kernels turn a
+    fully masked row into NaN, which reaches the gradients through ``0 * NaN``.
+    """
+    width = segment_ids.shape[1]
+    positions = torch.arange(width, device=segment_ids.device)
+    causal = positions[None, :] <= positions[:, None]
+    query, key = segment_ids[:, :, None], segment_ids[:, None, :]
+    visible = (key == PREFIX) | (key == query)
+    mask = causal & visible & (key != PADDING)
+    mask |= torch.eye(width, dtype=torch.bool, device=segment_ids.device)
+    return mask[:, None]
+
+
+def pack_pairs(pairs: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pack each pair into one right-padded row (drop-in for ``collate_pairs``).
+
+    Each pair holds ``prompt_ids``, ``chosen_ids`` and ``rejected_ids``. Returns, for ``B`` pairs
+    and packed width ``W``: ``input_ids``, ``position_ids`` ``(B, W)``; ``attention_mask``
+    ``(B, 1, W, W)`` boolean (see :func:`packed_attention_mask`); ``targets`` and
+    ``target_mask`` ``(B, W, 2)``: the token each position predicts for the chosen (column 0) and
+    rejected (column 1) sequence, and whether it counts.
+    """
+    rows = [_pack_one(pair) for pair in pairs]
+    width = max(len(row["input_ids"]) for row in rows)
+
+    def stacked(key: str, fill) -> torch.Tensor:
+        return torch.tensor([row[key] + [fill] * (width - len(row[key])) for row in rows], dtype=torch.long)
+
+    segment_ids = stacked("segment_ids", PADDING)
+    return {
+        "input_ids": stacked("input_ids", pad_token_id),
+        "position_ids": stacked("position_ids", 0),
+        "attention_mask": packed_attention_mask(segment_ids),
+        "targets": stacked("targets", [0, 0]),
+        "target_mask": stacked("target_mask", [0, 0]),
+    }
+
+
+def _attention_implementation(model: torch.nn.Module) -> str:
+    config = getattr(getattr(model, "module", model), "config", None)  # DDP/FSDP wrap the model in .module
+    return getattr(config, "_attn_implementation", None) or "sdpa"
+
+
+def supports_packing(model: torch.nn.Module) -> bool:
+    """Whether the model's attention implementation takes the packed 4D mask.
+
+    ``sdpa`` (transformers' default) and ``eager`` do; flash attention and flex attention do not,
+    and such a model scores pairs with ``sapo.logprobs.collate_pairs`` instead.
+    """
+    return _attention_implementation(model) in _MASK_FORMATS
+
+
+def _mask_for(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """The boolean mask in the form the model's attention implementation reads.
+
+    ``sdpa`` takes booleans; ``eager`` adds the mask to the scores, so it needs ``0``/``-inf``-like
+    floats (a boolean would be added as 0/1 and silently mask nothing).
+    """
+    implementation = _attention_implementation(model)
+    mask_format = _MASK_FORMATS.get(implementation)
+    if mask_format is None:
+        raise ValueError(
+            f"attn_implementation={implementation!r} cannot take the packed 4D attention mask; "
+            f"use one of {sorted(_MASK_FORMATS)} or score pairs with sapo.logprobs.collate_pairs"
+        )
+    if mask_format == "bool":
+        return mask
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
+        ~mask, torch.finfo(torch.float32).min
+    )
+
+
+def packed_completion_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs and response token counts from one forward over packed rows.
+
+    Same contract as ``sapo.logprobs.completion_logps``: ``(logps, lengths)`` of shape ``(2B,)``,
+    rows ``[:B]`` chosen and ``[B:]`` rejected. Response tokens inside the shared prefix (such as
+    ``gold[:cut]``) count for both sides, as they do when the sides are scored separately.
+    """
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=_mask_for(model, batch["attention_mask"]),
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).logits
+    per_token = selective_log_softmax(logits, batch["targets"]).float()  # (B, W, 2): one softmax, two gathers
+    mask = batch["target_mask"].float()
+    logps, lengths = (per_token * mask).sum(dim=1), mask.sum(dim=1)
+    return logps.T.reshape(-1), lengths.T.reshape(-1)

@@ -1,0 +1,179 @@
+"""`sapo.packing`: one packed row per pair scores both sides exactly as two separate rows do."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sapo.logprobs import collate_pairs, completion_logps
+from sapo.losses import dpo_loss
+from sapo.packing import (
+    CHOSEN,
+    PREFIX,
+    REJECTED,
+    common_prefix_length,
+    pack_pairs,
+    packed_completion_logps,
+    supports_packing,
+)
+from sapo.segments import splice
+from sapo.tiny import char_tokenizer, tiny_llama
+
+TOKENIZER = char_tokenizer()
+PAD, EOS = TOKENIZER.pad_token_id, TOKENIZER.eos_token_id
+WORDS = range(EOS + 1, len(TOKENIZER))  # ordinary tokens: neither pad nor EOS
+FEW_WORDS = [*WORDS[:6], EOS]  # segments that often repeat the gold text or stop early
+TIED = tiny_llama(TOKENIZER, seed=0).eval()
+UNTIED = tiny_llama(TOKENIZER, seed=5, tie_word_embeddings=False).eval()
+
+
+def separate(model, pairs):
+    return completion_logps(model, collate_pairs(pairs, PAD))
+
+
+def packed(model, pairs):
+    return packed_completion_logps(model, pack_pairs(pairs, PAD))
+
+
+def sapo_pair(prompt, gold, cut, segment, segment_length):
+    return {
+        "prompt_ids": prompt,
+        "chosen_ids": gold,
+        "rejected_ids": splice(gold, cut, segment, segment_length, EOS),
+    }
+
+
+# one batch with every case the trainer meets: different prompt lengths, cut 0, a segment that
+# hits EOS (rejected shorter than chosen), rejected == chosen, a cut near the end, a long gold
+CASES = [
+    sapo_pair([7, 8, 9, 10, 11, 12, 13], [20, 21, 22, 23, 24, 25, EOS], 0, [30, 31, 32], 3),
+    sapo_pair([7], [20, 21, 22, 23, 24, 25, 26, 27, EOS], 3, [40, 41, EOS], 4),
+    sapo_pair([7, 8, 9], [20, 21, 22, EOS], 0, [20, 21, 22, EOS], 4),
+    sapo_pair([9, 8, 7, 6, 5, 50, 51, 52, 53, 54, 55, 56], [60, 61, 62, 63, EOS], 3, [70, 71], 2),
+    sapo_pair([7, 8], [20 + i % 60 for i in range(30)] + [EOS], 11, [33] * 8, 8),
+]
+
+
+def test_common_prefix_length():
+    assert common_prefix_length([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix_length([1, 2], [1, 2, 3]) == 2
+    assert common_prefix_length([1, 2, 3], [1, 2, 3]) == 3
+    assert common_prefix_length([5], [6]) == 0
+    assert common_prefix_length([], [1]) == 0
+
+
+def test_pack_pairs_layout():
+    # prompt [1, 2], gold [3, 4, 5], rejected [3, 6]: shared prefix [1, 2, 3], tails [4, 5] and [6]
+    pairs = [
+        {"prompt_ids": [1, 2], "chosen_ids": [3, 4, 5], "rejected_ids": [3, 6]},
+        {"prompt_ids": [1], "chosen_ids": [8], "rejected_ids": [9]},
+        {"prompt_ids": [], "chosen_ids": [8, 9], "rejected_ids": [7]},  # nothing shared
+    ]
+    batch = pack_pairs(pairs, pad_token_id=PAD)
+    assert batch["input_ids"].tolist() == [
+        [1, 2, 3, 4, 5, 6],
+        [1, 8, 9, PAD, PAD, PAD],
+        [8, 9, 7, PAD, PAD, PAD],
+    ]
+    # both tails continue the prefix's positions
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0]]
+    # the last prefix position predicts the first token of each tail; chosen tokens are
+    # predicted in the chosen tail, rejected ones in the rejected tail; gold[:1] counts for both
+    assert batch["targets"][0].tolist() == [[0, 0], [3, 3], [4, 6], [5, 0], [0, 0], [0, 0]]
+    assert batch["target_mask"][0].tolist() == [[0, 0], [1, 1], [1, 1], [1, 0], [0, 0], [0, 0]]
+    assert batch["targets"][1].tolist()[:3] == [[8, 9], [0, 0], [0, 0]]
+    assert batch["target_mask"][1].tolist() == [[1, 1]] + [[0, 0]] * 5
+    mask = batch["attention_mask"]
+    assert mask.shape == (3, 1, 6, 6) and mask.dtype == torch.bool
+    segments = [PREFIX, PREFIX, PREFIX, CHOSEN, CHOSEN, REJECTED]
+    expected = [
+        [k <= q and (segments[k] == PREFIX or segments[k] == segments[q]) for k in range(6)] for q in range(6)
+    ]
+    assert mask[0, 0].tolist() == expected
+    assert not mask[0, 0, 5, 3] and not mask[0, 0, 5, 4]  # rejected tail never sees the chosen tail
+    # tails see the prefix and nothing sees padding
+    assert mask[1, 0, 2].tolist() == [True, False, True, False, False, False]
+    assert not mask[1:, 0, :3, 3:].any()
+    # without a shared prefix the tails see only themselves; no query row is fully masked, not
+    # even padding's (some attention kernels turn a fully masked row into NaN)
+    assert mask[2, 0, :3, :3].tolist() == [[True, False, False], [True, True, False], [False, False, True]]
+    assert mask.any(dim=-1).all()
+    # only 9 is scored: the first token of a sequence has nothing before it to predict it
+    assert batch["target_mask"][2].tolist() == [[1, 0], [0, 0], [0, 0], [0, 0], [0, 0], [0, 0]]
+
+
+@pytest.mark.parametrize("model", [TIED, UNTIED], ids=["tied", "untied"])
+def test_packed_logps_equal_separate_logps(model):
+    with torch.no_grad():
+        expected, expected_lengths = separate(model, CASES)
+        logps, lengths = packed(model, CASES)
+    assert logps.shape == lengths.shape == (2 * len(CASES),)
+    torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(lengths, expected_lengths)
+    # rejected == chosen scores identically on both sides
+    assert logps[2].item() == pytest.approx(logps[len(CASES) + 2].item(), abs=1e-5)
+
+
+pair_strategy = st.builds(
+    lambda prompt, gold, cut_fraction, segment, segment_length: sapo_pair(
+        prompt,
+        gold + [EOS],
+        int(cut_fraction * (len(gold) + 1 - min(segment_length, len(gold) + 1))),
+        segment,
+        segment_length,
+    ),
+    st.lists(st.sampled_from(WORDS), min_size=0, max_size=10),
+    st.lists(st.sampled_from(WORDS[:6]), min_size=0, max_size=14),
+    st.floats(0, 1),
+    st.lists(st.sampled_from(FEW_WORDS), min_size=0, max_size=6),
+    st.integers(1, 6),
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(pair_strategy, min_size=1, max_size=4))
+def test_packed_logps_equal_separate_logps_random(pairs):
+    with torch.no_grad():
+        expected, expected_lengths = separate(UNTIED, pairs)
+        logps, lengths = packed(UNTIED, pairs)
+    torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(lengths, expected_lengths)
+
+
+def dpo_gradients(score, pairs):
+    policy = tiny_llama(TOKENIZER, seed=1)
+    reference = tiny_llama(TOKENIZER, seed=2).eval()
+    logps, _ = score(policy, pairs)
+    with torch.no_grad():
+        ref_logps, _ = score(reference, pairs)
+    losses, _, _ = dpo_loss(*logps.chunk(2), *ref_logps.chunk(2), beta=0.1)
+    losses.mean().backward()
+    return {name: param.grad for name, param in policy.named_parameters()}
+
+
+def test_packed_gradients_equal_separate_gradients():
+    expected = dpo_gradients(separate, CASES)
+    grads = dpo_gradients(packed, CASES)
+    assert expected.keys() == grads.keys()
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all(), name
+        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert any(grad.abs().sum() > 0 for grad in grads.values())
+
+
+def test_eager_attention_gets_an_additive_mask():
+    model = copy.deepcopy(TIED)
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        torch.testing.assert_close(packed(model, CASES)[0], separate(TIED, CASES)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_without_4d_masks_is_refused():
+    assert supports_packing(TIED)
+    model = copy.deepcopy(TIED)
+    model.config._attn_implementation = "flash_attention_2"
+    assert not supports_packing(model)
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        packed(model, CASES)
