@@ -150,7 +150,7 @@ class SAPOTrainer(Trainer):
         self._reference_version = 0  # bumped at every sync; cached reference log-probs carry it
         # chosen and rejected share prompt + gold[:cut]: score both in one packed row where the
         # attention implementation takes a 4D mask, else as two padded rows
-        packed = supports_packing(policy)
+        packed = supports_packing(policy) and (ref_model is None or supports_packing(ref_model))
         self._collate = functools.partial(
             pack_pairs if packed else collate_pairs, pad_token_id=processing_class.pad_token_id
         )
