@@ -1,0 +1,609 @@
+"""Peak memory of SAPO-DPO against TRL's ``DPOTrainer``, with LoRA and with full fine-tuning.
+
+Configurations, each measured in its own fresh Python process so that peaks do not mix:
+
+- ``baseline``: imports the same libraries and builds the same model and data, but does not train;
+- ``lora_dpo``: TRL ``DPOTrainer`` with ``peft_config`` and no ``ref_model`` (the reference is the
+  base model with the adapter disabled);
+- ``lora_sapo``: ``SAPOTrainer`` with the same ``peft_config`` (policy, EMA and reference are three
+  adapters on one base);
+- ``full_dpo``: TRL ``DPOTrainer`` with an explicit ``ref_model`` (a second copy of the model);
+- ``full_sapo``: ``SAPOTrainer`` without PEFT (a reference copy and a float32 EMA copy);
+- ``lora_sapo_padded``, ``full_sapo_padded``: the same SAPO runs scoring chosen and rejected as
+  two padded rows, as SAPO does when the attention implementation cannot take its packed 4D mask
+  (flash attention); by default SAPO packs a pair into one row that holds the shared prefix once.
+
+All runs share the model, the batch, the optimizer (``adamw_torch``), the learning rate, the LoRA
+config, ``bf16=False`` and ``gradient_checkpointing=False``, on CPU. The memory figure is the
+process's peak resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``, KiB on Linux). The
+baseline's peak is subtracted from each run's peak, so that the "above baseline" figure counts the
+training state (gradients, optimizer state, activations, reference/EMA copies, generation) rather
+than the interpreter, the libraries and the policy weights. The ratios are computed on the
+above-baseline figures.
+
+Each worker also records its peak at a few points of the run (trainer built, training started,
+after each step; for SAPO also before and after each generation call), which shows where the
+extra memory appears.
+
+Workers run with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then maps every allocation above 64 KiB
+on its own and unmaps it when freed, so the peak follows the tensors alive at that moment. With
+glibc's adaptive default the heap keeps freed blocks and the peak of the same run varies by tens
+of MiB (``--malloc-default`` measures that way). Workers use one torch thread by default: on
+busy shared cores, two spinning OpenMP threads slowed the small kernels of generation 6-20x;
+memory does not depend on it.
+
+Usage::
+
+    python benchmarks/memory.py                      # ~49M-parameter model, batch 4, 3 steps
+    python benchmarks/memory.py --quick              # ~3M-parameter model, for a fast check
+    python benchmarks/memory.py --batch-size 8       # more activations per step
+    python benchmarks/memory.py --vocab-size 32000 --configs lora_dpo,lora_sapo,lora_sapo_padded
+                                                     # a real vocabulary: the cost of the LM head
+
+The last line printed is one JSON object with the ratios, the peaks and the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+CONFIGS = (
+    "baseline",
+    "lora_dpo",
+    "lora_sapo",
+    "lora_sapo_padded",
+    "full_dpo",
+    "full_sapo",
+    "full_sapo_padded",
+)
+
+MODEL_PRESETS = {
+    # ~49M parameters: weights, gradients and Adam state dominate full fine-tuning
+    "default": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12),
+    # ~2.9M parameters: a fast check of the whole pipeline
+    "quick": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4),
+}
+
+KIB_PER_MIB = 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement helpers (used in the worker processes)
+# ---------------------------------------------------------------------------------------------
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, in MiB (``ru_maxrss`` is KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB_PER_MIB
+
+
+def current_rss_mib() -> float:
+    """Resident set size of this process now, in MiB."""
+    with open("/proc/self/statm") as statm:
+        resident_pages = int(statm.read().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PhaseLog:
+    """Peak and current RSS at named points of a run."""
+
+    def __init__(self):
+        self.marks: list[dict] = []
+        self.started = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        self.marks.append(
+            {
+                "phase": name,
+                "peak_mib": round(peak_rss_mib(), 1),
+                "rss_mib": round(current_rss_mib(), 1),
+                "t_s": round(time.perf_counter() - self.started, 2),
+            }
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# data and model (identical in every worker)
+# ---------------------------------------------------------------------------------------------
+
+WORDS = (
+    "alpha beta gamma delta answer question model train token policy value reward the a of to in "
+    "and is it for with on this that from step data test fast slow red blue green one two three"
+).split()
+
+
+def _text(rng, length: int) -> str:
+    """Words joined by spaces, cut or padded to exactly ``length`` characters."""
+    words: list[str] = []
+    while len(" ".join(words)) < length:
+        words.append(rng.choice(WORDS))
+    return " ".join(words)[:length]
+
+
+def build_rows(
+    n_rows: int, prompt_chars: int, answer_chars: int, jitter: int, segment_length: int, seed: int = 0
+):
+    """SFT rows (``prompt``/``completion``) for SAPO and preference rows
+    (``prompt``/``chosen``/``rejected``) for DPO over the same prompts and gold answers.
+
+    The char tokenizer has one token per character: a prompt is ``prompt_chars`` tokens, an answer
+    ``answer_chars - jitter`` to ``answer_chars`` tokens plus EOS. Answers vary a little in length,
+    as in real data, so that both trainers see padded batches (a batch without padding takes
+    PyTorch's causal attention fast path, which keeps less for the backward pass than a masked one;
+    SAPO's batches are padded anyway, since a sampled segment may stop at EOS), while the padded
+    width stays almost the same in every batch. DPO's rejected answer is the gold answer with one
+    ``segment_length`` window rewritten: the shape of a SAPO pair.
+    """
+    import random
+
+    rng = random.Random(seed)
+    sft, preference = [], []
+    for _ in range(n_rows):
+        prompt = _text(rng, prompt_chars)
+        answer = _text(rng, rng.randint(answer_chars - jitter, answer_chars))
+        window = min(segment_length, len(answer))
+        cut = rng.randint(0, len(answer) - window)
+        rejected = answer[:cut] + _text(rng, window) + answer[cut + window :]
+        sft.append({"prompt": prompt, "completion": answer})
+        preference.append({"prompt": prompt, "chosen": answer, "rejected": rejected})
+    return sft, preference
+
+
+def build_model(tokenizer, settings: dict):
+    from sapo.tiny import tiny_llama
+
+    overrides = dict(settings["model"])
+    if settings.get("vocab_size"):
+        # a larger output layer than the tokenizer needs: the token ids stay those of the char
+        # tokenizer, but every forward computes logits over the whole vocabulary, as a real model does
+        overrides["vocab_size"] = settings["vocab_size"]
+    return tiny_llama(tokenizer, size="small", seed=settings["seed"], **overrides)
+
+
+def lora_config(settings: dict):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings["lora_r"],
+        lora_alpha=2 * settings["lora_r"],
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        task_type="CAUSAL_LM",
+    )
+
+
+def common_training_args(settings: dict, output_dir: str) -> dict:
+    return dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=settings["batch_size"],
+        gradient_accumulation_steps=1,
+        learning_rate=settings["learning_rate"],
+        optim="adamw_torch",
+        lr_scheduler_type="constant",
+        max_steps=settings["steps"],
+        logging_steps=settings["steps"],
+        beta=0.1,
+        max_length=settings["max_length"],
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        seed=settings["seed"],
+        data_seed=settings["seed"],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# one configuration, in a fresh process
+# ---------------------------------------------------------------------------------------------
+
+
+def run_worker(config: str, settings: dict) -> dict:
+    import torch
+
+    if settings.get("threads"):
+        torch.set_num_threads(settings["threads"])
+
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from sapo import SAPOConfig, SAPOTrainer
+    from sapo.tiny import char_tokenizer
+
+    phases = PhaseLog()
+    phases.mark("imports")
+    tokenizer = char_tokenizer()
+    model = build_model(tokenizer, settings)
+    n_params = sum(p.numel() for p in model.parameters())
+    sft_rows, preference_rows = build_rows(
+        settings["rows"],
+        settings["prompt_tokens"],
+        settings["answer_tokens"] - 1,
+        settings["length_jitter"],
+        settings["segment_length"],
+    )
+    sft_dataset = Dataset.from_list(sft_rows)
+    preference_dataset = Dataset.from_list(preference_rows)
+    phases.mark("model_and_data")
+    result = {"config": config, "parameters": n_params}
+    if config == "baseline":
+        phases.mark("end")
+        result.update(peak_mib=peak_rss_mib(), phases=phases.marks, trainable_parameters=0, wall_s=0.0)
+        return result
+
+    class StepMarks(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            phases.mark("train_begin")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            phases.mark(f"step_{state.global_step}_end")
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as output_dir:
+        common = common_training_args(settings, output_dir)
+        lora = config.startswith("lora")
+        scoring = None
+        if config.endswith("dpo"):
+            args = DPOConfig(**common)
+            ref_model = None if lora else build_model(tokenizer, settings)  # same seed: same weights
+            trainer = DPOTrainer(
+                model=model,
+                ref_model=ref_model,
+                args=args,
+                train_dataset=preference_dataset,
+                processing_class=tokenizer,
+                peft_config=lora_config(settings) if lora else None,
+            )
+        else:
+            args = SAPOConfig(
+                **common,
+                loss_type="dpo",
+                segment_length=settings["segment_length"],
+                ema_decay=0.5,
+                ema_update_interval=1,
+                sample_every_n_steps=1,
+                ref_model_sync_steps=settings["ref_model_sync_steps"],
+                max_prompt_length=settings["max_length"] // 2,
+            )
+            trainer = SAPOTrainer(
+                model=model,
+                args=args,
+                train_dataset=sft_dataset,
+                processing_class=tokenizer,
+                peft_config=lora_config(settings) if lora else None,
+            )
+            if config.endswith("_padded"):
+                force_padded_scoring(trainer, tokenizer.pad_token_id)
+            score = getattr(trainer, "_score", None)
+            scoring = "packed" if "packed" in getattr(score, "__name__", "") else "padded"
+            generate = getattr(trainer, "_generate_pairs", None)
+            if generate is not None:
+
+                def generate_and_mark(rows, step):  # instrumentation only: peaks around generation
+                    phases.mark(f"step_{step + 1}_before_generation")
+                    generate(rows, step)
+                    phases.mark(f"step_{step + 1}_after_generation")
+
+                trainer._generate_pairs = generate_and_mark
+        phases.mark("trainer_built")
+        trainer.add_callback(StepMarks())
+        trainer.train()
+        phases.mark("end")
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    result.update(
+        peak_mib=peak_rss_mib(),
+        phases=phases.marks,
+        trainable_parameters=trainable,
+        wall_s=round(time.perf_counter() - started, 1),
+        sapo_scoring=scoring,
+    )
+    return result
+
+
+def force_padded_scoring(trainer, pad_token_id: int) -> None:
+    """Make ``trainer`` score pairs as two padded rows, its path for attention implementations that
+    take no 4D mask, although this model's sdpa attention could take packed rows."""
+    import functools
+
+    from sapo.logprobs import collate_pairs, completion_logps
+
+    if not (hasattr(trainer, "_collate") and hasattr(trainer, "_score")):
+        raise SystemExit(
+            "error: this SAPOTrainer has no _collate/_score to set; run without the _padded configs"
+        )
+    trainer._collate = functools.partial(collate_pairs, pad_token_id=pad_token_id)
+    trainer._score = completion_logps
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------
+
+
+def measure(config: str, settings: dict) -> dict:
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
+    if settings["malloc_mmap_threshold"]:
+        # glibc reads this at start-up: every allocation above it gets its own mapping, returned to
+        # the OS when freed, so the peak RSS follows the tensors alive at the peak instead of
+        # whatever the heap happened to keep (tens of MiB of noise from run to run otherwise)
+        env["MALLOC_MMAP_THRESHOLD_"] = str(settings["malloc_mmap_threshold"])
+    else:
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        config,
+        "--settings",
+        json.dumps(settings),
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, env=env)
+    if completed.returncode != 0:
+        sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-4000:])
+        raise SystemExit(f"error: the {config} worker failed with exit code {completed.returncode}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def code_version() -> dict:
+    """The sapo measured: a hash of the source of the sapo modules a run imports, and the commit."""
+    import hashlib
+
+    import sapo
+    import sapo.tiny  # noqa: F401
+    import sapo.trainer  # noqa: F401
+
+    digest = hashlib.sha256()
+    modules = sorted(name for name in sys.modules if name == "sapo" or name.startswith("sapo."))
+    for name in modules:
+        path = getattr(sys.modules[name], "__file__", None)
+        if path:
+            with open(path, "rb") as source:
+                digest.update(name.encode() + b"\0" + source.read() + b"\0")
+    version = {
+        "sapo": getattr(sapo, "__version__", None),
+        "source_sha256": digest.hexdigest()[:16],
+        "commit": None,
+    }
+    try:
+        version["commit"] = subprocess.run(
+            ["git", "-C", os.path.dirname(sapo.__file__), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return version
+
+
+def ratio(numerator: float, denominator: float) -> float | None:
+    return round(numerator / denominator, 3) if denominator > 0 else None
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a ~3M-parameter model, batch 4, 2 steps")
+    parser.add_argument("--batch-size", type=int, help="per-device batch of pairs (default 4)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default 3; 2 with --quick)")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs per configuration; the median peak is used"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per worker (default 1: on busy shared cores, spinning OpenMP threads slowed "
+        "generation 6-20x; 0 keeps torch's default)",
+    )
+    parser.add_argument(
+        "--malloc-default",
+        action="store_true",
+        help="leave glibc's allocator as it is (default: MALLOC_MMAP_THRESHOLD_=65536 in the workers, so "
+        "that the peak follows live memory; the default allocator adds run-to-run noise of tens of MiB)",
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=0,
+        help="output vocabulary of the model (default 0: the char tokenizer's 102 tokens); a real "
+        "vocabulary (e.g. 32000) shows the cost of materialised logits",
+    )
+    parser.add_argument(
+        "--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS)
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
+    options = parser.parse_args(argv)
+
+    if options.worker:
+        result = run_worker(options.worker, json.loads(options.settings))
+        print(json.dumps(result))
+        return
+
+    configs = [name.strip() for name in options.configs.split(",") if name.strip()]
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown:
+        parser.error(f"--configs: unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
+    if "baseline" not in configs:
+        configs.insert(0, "baseline")
+    steps = options.steps or (2 if options.quick else 3)
+    batch_size = options.batch_size or 4
+    settings = dict(
+        model=MODEL_PRESETS["quick" if options.quick else "default"],
+        batch_size=batch_size,
+        steps=steps,
+        prompt_tokens=64,
+        answer_tokens=64,  # including EOS
+        length_jitter=1,  # an answer is 63 or 64 tokens
+        segment_length=32,
+        max_length=256,
+        learning_rate=1e-4,
+        lora_r=16,
+        ref_model_sync_steps=2,  # so that a reference sync happens inside the measured steps
+        rows=max(64, 2 * batch_size * steps),
+        seed=0,
+        threads=options.threads,
+        vocab_size=options.vocab_size or None,
+        malloc_mmap_threshold=None if options.malloc_default else 65536,
+    )
+
+    load_before = load_average()
+    code_before = code_version()
+    runs: dict[str, list[dict]] = {name: [] for name in configs}
+    for repeat in range(options.repeats):
+        for name in configs:  # round-robin, so that drift in the machine's state hits all alike
+            print(f"[{repeat + 1}/{options.repeats}] measuring {name} ...", file=sys.stderr, flush=True)
+            runs[name].append(measure(name, settings))
+    load_after = load_average()
+
+    raw = {name: statistics.median(run["peak_mib"] for run in results) for name, results in runs.items()}
+    spread = {
+        name: round(max(r["peak_mib"] for r in results) - min(r["peak_mib"] for r in results), 1)
+        for name, results in runs.items()
+    }
+    baseline = raw["baseline"]
+    above = {name: max(0.0, peak - baseline) for name, peak in raw.items() if name != "baseline"}
+    first = {name: results[0] for name, results in runs.items()}
+    params = first["baseline"]["parameters"]
+    model_copy_mib = params * 4 / 2**20
+    parts = {name: breakdown(first[name]["phases"]) for name in configs if name != "baseline"}
+
+    print(f"model: {params / 1e6:.1f}M parameters {settings['model']}")
+    print(f"one float32 copy of the model = {model_copy_mib:.1f} MiB")
+    print(
+        f"batch {batch_size} pairs, prompt {settings['prompt_tokens']} + answer {settings['answer_tokens']} "
+        f"tokens (answers up to {settings['length_jitter']} fewer), SAPO segment_length "
+        f"{settings['segment_length']}, {steps} steps, adamw_torch, "
+        f"lr {settings['learning_rate']}, LoRA r={settings['lora_r']} on q/k/v/o, float32, CPU, "
+        f"{settings['threads'] or 'default'} thread(s); {options.repeats} run(s) per configuration (median)"
+    )
+    print()
+    header = (
+        f"{'configuration':<17} {'peak RSS MiB':>13} {'above baseline MiB':>19} {'at init':>8} "
+        f"{'generation':>10} {'in steps':>9} {'trainable':>11} {'wall s':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name in configs:
+        run = first[name]
+        cells = (
+            ["", "", "", ""]
+            if name == "baseline"
+            else [
+                f"{above[name]:.1f}",
+                f"{parts[name]['init_mib']:.1f}",
+                "-" if parts[name]["generation_mib"] is None else f"{parts[name]['generation_mib']:.1f}",
+                f"{parts[name]['steps_mib']:.1f}",
+            ]
+        )
+        print(
+            f"{name:<17} {raw[name]:>13.1f} {cells[0]:>19} {cells[1]:>8} {cells[2]:>10} {cells[3]:>9} "
+            f"{run['trainable_parameters']:>11,} {statistics.median(r['wall_s'] for r in runs[name]):>7.1f}"
+        )
+    print(
+        "  at init: rise of the peak while the trainer is built (reference/EMA copies, adapters); "
+        "generation: rise during the first SAPO generation call; in steps: rise from the start of "
+        "training to the end (gradients, optimizer state, activations)"
+    )
+    if options.repeats > 1:
+        print(
+            "  spread of the peak over repeats (max - min, MiB): "
+            + ", ".join(f"{n} {v}" for n, v in spread.items())
+        )
+    print()
+    ratios = {}
+    for mode in ("lora", "full"):
+        dpo = f"{mode}_dpo"
+        for sapo in (f"{mode}_sapo", f"{mode}_sapo_padded"):
+            if sapo in above and dpo in above:
+                key = f"{sapo}_vs_{dpo}"
+                ratios[key] = ratio(above[sapo], above[dpo])
+                ratios[f"{key}_raw"] = ratio(raw[sapo], raw[dpo])
+                print(
+                    f"{sapo + ' / ' + dpo:<30} {ratios[key]!s:>6} above baseline (raw peaks: "
+                    f"{ratios[f'{key}_raw']}); difference {raw[sapo] - raw[dpo]:+.1f} MiB"
+                )
+    if ratios.get("lora_sapo_vs_lora_dpo") is not None:
+        goal = ratios["lora_sapo_vs_lora_dpo"] <= 1.15
+        print(f"goal LoRA SAPO <= 1.15x LoRA DPO (above baseline): {'met' if goal else 'NOT met'}")
+        if ratios.get("lora_sapo_padded_vs_lora_dpo") is not None:
+            goal = ratios["lora_sapo_padded_vs_lora_dpo"] <= 1.15
+            print(f"  ... and with padded scoring (flash-attention path): {'met' if goal else 'NOT met'}")
+    print()
+    print("peak RSS (MiB) at points of each run (first repeat):")
+    for name in configs:
+        marks = ", ".join(f"{mark['phase']} {mark['peak_mib']:.0f}" for mark in first[name]["phases"])
+        print(f"  {name}: {marks}")
+    print(f"load average before {load_before}, after {load_after} (on {os.cpu_count()} CPUs)")
+    code_after = code_version()
+    print(f"sapo measured: {code_before}")
+    if code_after["source_sha256"] != code_before["source_sha256"]:
+        print(f"WARNING: sapo's source changed during the runs (now {code_after}); measure again")
+
+    summary = {
+        "benchmark": "memory",
+        "metric": "peak RSS (ru_maxrss) per fresh process, MiB; ratios on above-baseline figures",
+        "lora_sapo_vs_lora_dpo": ratios.get("lora_sapo_vs_lora_dpo"),
+        "full_sapo_vs_full_dpo": ratios.get("full_sapo_vs_full_dpo"),
+        "lora_sapo_padded_vs_lora_dpo": ratios.get("lora_sapo_padded_vs_lora_dpo"),
+        "full_sapo_padded_vs_full_dpo": ratios.get("full_sapo_padded_vs_full_dpo"),
+        "raw_peak_ratios": {
+            key[: -len("_raw")]: value for key, value in ratios.items() if key.endswith("_raw")
+        },
+        "lora_goal_1_15_met": (
+            None if ratios.get("lora_sapo_vs_lora_dpo") is None else ratios["lora_sapo_vs_lora_dpo"] <= 1.15
+        ),
+        "peak_mib": {name: round(value, 1) for name, value in raw.items()},
+        "above_baseline_mib": {name: round(value, 1) for name, value in above.items()},
+        "breakdown_mib": parts,
+        "peak_spread_mib": spread,
+        "parameters": params,
+        "model_copy_fp32_mib": round(model_copy_mib, 1),
+        "trainable_parameters": {name: first[name]["trainable_parameters"] for name in configs},
+        "sapo_scoring": {
+            name: first[name]["sapo_scoring"] for name in configs if first[name].get("sapo_scoring")
+        },
+        "code": {"before": code_before, "after": code_after},
+        "wall_s": {name: round(statistics.median(r["wall_s"] for r in runs[name]), 1) for name in configs},
+        "settings": {**settings, "repeats": options.repeats, "quick": options.quick},
+        "load_average": {"before": load_before, "after": load_after, "cpus": os.cpu_count()},
+    }
+    print(json.dumps(summary))
+
+
+def breakdown(marks: list[dict]) -> dict:
+    """Where a run's peak rose: building the trainer, the first generation call, the steps."""
+    peak = {mark["phase"]: mark["peak_mib"] for mark in marks}
+    generation = None
+    if "step_1_before_generation" in peak and "step_1_after_generation" in peak:
+        generation = round(peak["step_1_after_generation"] - peak["step_1_before_generation"], 1)
+    return {
+        "init_mib": round(peak["trainer_built"] - peak["model_and_data"], 1),
+        "generation_mib": generation,
+        "steps_mib": round(peak["end"] - peak["train_begin"], 1),
+    }
+
+
+if __name__ == "__main__":
+    main()
