@@ -206,3 +206,14 @@ def test_killed_runs_resume_cleanly():
     assert summary["trials"] == 3
     assert summary["clean_resumes"] == 3
     assert summary["final_matches_uninterrupted"] is True
+
+
+def test_resuming_a_finished_run_trains_no_further(tmp_path, tokenizer):
+    finished = make_trainer(tokenizer, tmp_path, max_steps=6, save_steps=6)
+    finished.train()
+    again = make_trainer(tokenizer, tmp_path, max_steps=6, save_steps=6)
+    again.train(resume_from_checkpoint="last")
+    assert again.state.global_step == 6
+    assert_same_weights(finished.model, again.model)
+    assert_same_weights(finished.ema.model, again.ema.model)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-6"]

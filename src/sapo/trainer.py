@@ -36,7 +36,10 @@ from transformers import (
     TrainerCallback,
 )
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import rotate_checkpoints
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import TrainOutput, rotate_checkpoints
+from transformers.utils import logging
 
 from . import checkpoint
 from .adapters import is_peft_model, policy_adapter_name
@@ -50,6 +53,8 @@ from .packing import pack_pairs, packed_completion_logps, supports_packing
 from .policy import eos_token_ids, prepare_policy
 from .reference import build_ema_and_reference, reference_logps
 from .segments import sample_cut, splice
+
+logger = logging.get_logger(__name__)
 
 
 def collate_rows(rows: list[dict[str, Any]]) -> dict[str, list[list[int]]]:
@@ -294,6 +299,13 @@ class SAPOTrainer(Trainer):
         path = checkpoint.resolve(self.args.output_dir, resume_from_checkpoint)
         if path is not None:
             self._load_sapo_state(path)
+            reached = TrainerState.load_from_json(os.path.join(path, TRAINER_STATE_NAME))
+            if 0 < self.args.max_steps <= reached.global_step:
+                # Trainer would run one more step past max_steps; a finished run only reloads
+                logger.warning("%s already reached max_steps=%d; nothing to train", path, self.args.max_steps)
+                self._load_from_checkpoint(path)
+                self.state = reached
+                return TrainOutput(reached.global_step, 0.0, {})
         return super().train(resume_from_checkpoint=path, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
