@@ -118,7 +118,7 @@ def newest_complete(output_dir: Path) -> tuple[int | None, bool]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=1500, help="long enough that every kill lands mid-run")
     parser.add_argument("--loss", default="dpo", choices=["dpo", "orpo"])
     parser.add_argument("--max-wait", type=float, default=4.0, help="longest wait before a kill, in seconds")
     parser.add_argument("--seed", type=int, default=0)
