@@ -33,15 +33,10 @@ def child(output_dir: str, max_steps: int, loss_type: str) -> None:
     import datasets
     import transformers
     from datasets import Dataset
-    from transformers import TrainerCallback
 
     from sapo import SAPOConfig, SAPOTrainer
-    from sapo.checkpoint import is_complete
+    from sapo.checkpoint import resolve
     from sapo.tiny import char_tokenizer, tiny_llama
-
-    class AnnounceStart(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            print(f"{STARTED} resume_from={state.global_step or 'none'}", flush=True)
 
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
@@ -75,10 +70,13 @@ def child(output_dir: str, max_steps: int, loss_type: str) -> None:
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
-        callbacks=[AnnounceStart()],
     )
-    resume = Path(output_dir).exists() and any(is_complete(p) for p in Path(output_dir).glob("checkpoint-*"))
-    trainer.train(resume_from_checkpoint="last" if resume else None)
+    try:
+        resume = resolve(output_dir, "last")  # the checkpoint the trainer will take
+    except ValueError:
+        resume = None
+    print(f"{STARTED} resume_from={resume.rsplit('-', 1)[-1] if resume else 'none'}", flush=True)
+    trainer.train(resume_from_checkpoint=resume)
     digest = hashlib.sha256()
     for tensor in trainer.model.state_dict().values():
         digest.update(tensor.detach().cpu().numpy().tobytes())

@@ -20,6 +20,7 @@ def torchrun(*args):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free port: no clash with another run on the machine
         "--nproc_per_node",
         "2",
         str(SCRIPT),

@@ -163,6 +163,11 @@ class SAPOConfig(TrainingArguments):
                 "ref_model_sync_steps",
                 "must be a positive number of optimizer steps, or None for once per epoch",
             )
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                fail(name, "must be at least 1")
+        if self.learning_rate < 0:
+            fail("learning_rate", "must be >= 0")
         if self.replay_buffer_size < self.per_device_train_batch_size:
             fail(
                 "replay_buffer_size",
