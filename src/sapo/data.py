@@ -161,3 +161,8 @@ def prepare_dataset(
             lambda row: {GOLD_IDS: row[GOLD_IDS][: max_length - len(row[PROMPT_IDS])]}, num_proc=num_proc
         )
     return tokenized
+
+
+def collate_rows(rows: list[dict[str, Any]]) -> dict[str, list[list[int]]]:
+    """Keep dataset rows as id lists: they are generation prompts, not model inputs."""
+    return {PROMPT_IDS: [row[PROMPT_IDS] for row in rows], GOLD_IDS: [row[GOLD_IDS] for row in rows]}

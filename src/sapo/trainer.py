@@ -11,9 +11,8 @@ Per optimizer step ``t`` (gradient accumulation counts once), in order:
 4. EMA update, then, for DPO, maybe copy the EMA into the reference
    (:meth:`SAPOTrainer._after_optimizer_step`).
 
-Trainer keeps what it does well: the optimizer, schedule, mixed precision, devices, logging
-integrations, progress bar and checkpoint rotation. The SAPO pieces are components
-(``segments``, ``buffer``, ``ema``, ``generation``, ``losses``) that know nothing of this class.
+Trainer keeps the optimizer, schedule, precision, devices, logging and progress bar; SAPO's
+pieces (``segments``, ``buffer``, ``ema``, ``generation``, ``losses``) know nothing of this class.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ from . import checkpoint
 from .adapters import is_peft_model, policy_adapter_name
 from .buffer import ReplayBuffer
 from .config import SAPOConfig
-from .data import GOLD_IDS, PROMPT_IDS, prepare_dataset
+from .data import GOLD_IDS, PROMPT_IDS, collate_rows, prepare_dataset
 from .generation import SegmentGenerator
 from .logprobs import collate_pairs, completion_logps
 from .objective import preference_objective
@@ -55,11 +54,6 @@ from .reference import build_ema_and_reference, reference_logps
 from .segments import sample_cut, splice
 
 logger = logging.get_logger(__name__)
-
-
-def collate_rows(rows: list[dict[str, Any]]) -> dict[str, list[list[int]]]:
-    """Keep dataset rows as id lists: they are generation prompts, not model inputs."""
-    return {PROMPT_IDS: [row[PROMPT_IDS] for row in rows], GOLD_IDS: [row[GOLD_IDS] for row in rows]}
 
 
 class _AfterOptimizerStep(TrainerCallback):
