@@ -51,8 +51,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 
 CONFIGS = (
     "baseline",
@@ -71,264 +69,6 @@ MODEL_PRESETS = {
     "quick": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4),
 }
 
-KIB_PER_MIB = 1024
-
-
-# ---------------------------------------------------------------------------------------------
-# measurement helpers (used in the worker processes)
-# ---------------------------------------------------------------------------------------------
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, in MiB (``ru_maxrss`` is KiB on Linux)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB_PER_MIB
-
-
-def current_rss_mib() -> float:
-    """Resident set size of this process now, in MiB."""
-    with open("/proc/self/statm") as statm:
-        resident_pages = int(statm.read().split()[1])
-    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class PhaseLog:
-    """Peak and current RSS at named points of a run."""
-
-    def __init__(self):
-        self.marks: list[dict] = []
-        self.started = time.perf_counter()
-
-    def mark(self, name: str) -> None:
-        self.marks.append(
-            {
-                "phase": name,
-                "peak_mib": round(peak_rss_mib(), 1),
-                "rss_mib": round(current_rss_mib(), 1),
-                "t_s": round(time.perf_counter() - self.started, 2),
-            }
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# data and model (identical in every worker)
-# ---------------------------------------------------------------------------------------------
-
-WORDS = (
-    "alpha beta gamma delta answer question model train token policy value reward the a of to in "
-    "and is it for with on this that from step data test fast slow red blue green one two three"
-).split()
-
-
-def _text(rng, length: int) -> str:
-    """Words joined by spaces, cut or padded to exactly ``length`` characters."""
-    words: list[str] = []
-    while len(" ".join(words)) < length:
-        words.append(rng.choice(WORDS))
-    return " ".join(words)[:length]
-
-
-def build_rows(
-    n_rows: int, prompt_chars: int, answer_chars: int, jitter: int, segment_length: int, seed: int = 0
-):
-    """SFT rows (``prompt``/``completion``) for SAPO and preference rows
-    (``prompt``/``chosen``/``rejected``) for DPO over the same prompts and gold answers.
-
-    The char tokenizer has one token per character: a prompt is ``prompt_chars`` tokens, an answer
-    ``answer_chars - jitter`` to ``answer_chars`` tokens plus EOS. Answers vary a little in length,
-    as in real data, so that both trainers see padded batches (a batch without padding takes
-    PyTorch's causal attention fast path, which keeps less for the backward pass than a masked one;
-    SAPO's batches are padded anyway, since a sampled segment may stop at EOS), while the padded
-    width stays almost the same in every batch. DPO's rejected answer is the gold answer with one
-    ``segment_length`` window rewritten: the shape of a SAPO pair.
-    """
-    import random
-
-    rng = random.Random(seed)
-    sft, preference = [], []
-    for _ in range(n_rows):
-        prompt = _text(rng, prompt_chars)
-        answer = _text(rng, rng.randint(answer_chars - jitter, answer_chars))
-        window = min(segment_length, len(answer))
-        cut = rng.randint(0, len(answer) - window)
-        rejected = answer[:cut] + _text(rng, window) + answer[cut + window :]
-        sft.append({"prompt": prompt, "completion": answer})
-        preference.append({"prompt": prompt, "chosen": answer, "rejected": rejected})
-    return sft, preference
-
-
-def build_model(tokenizer, settings: dict):
-    from sapo.tiny import tiny_llama
-
-    overrides = dict(settings["model"])
-    if settings.get("vocab_size"):
-        # a larger output layer than the tokenizer needs: the token ids stay those of the char
-        # tokenizer, but every forward computes logits over the whole vocabulary, as a real model does
-        overrides["vocab_size"] = settings["vocab_size"]
-    return tiny_llama(tokenizer, size="small", seed=settings["seed"], **overrides)
-
-
-def lora_config(settings: dict):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=settings["lora_r"],
-        lora_alpha=2 * settings["lora_r"],
-        lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        task_type="CAUSAL_LM",
-    )
-
-
-def common_training_args(settings: dict, output_dir: str) -> dict:
-    return dict(
-        output_dir=output_dir,
-        per_device_train_batch_size=settings["batch_size"],
-        gradient_accumulation_steps=1,
-        learning_rate=settings["learning_rate"],
-        optim="adamw_torch",
-        lr_scheduler_type="constant",
-        max_steps=settings["steps"],
-        logging_steps=settings["steps"],
-        beta=0.1,
-        max_length=settings["max_length"],
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        seed=settings["seed"],
-        data_seed=settings["seed"],
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# one configuration, in a fresh process
-# ---------------------------------------------------------------------------------------------
-
-
-def run_worker(config: str, settings: dict) -> dict:
-    import torch
-
-    if settings.get("threads"):
-        torch.set_num_threads(settings["threads"])
-
-    from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
-    from sapo import SAPOConfig, SAPOTrainer
-    from sapo.tiny import char_tokenizer
-
-    phases = PhaseLog()
-    phases.mark("imports")
-    tokenizer = char_tokenizer()
-    model = build_model(tokenizer, settings)
-    n_params = sum(p.numel() for p in model.parameters())
-    sft_rows, preference_rows = build_rows(
-        settings["rows"],
-        settings["prompt_tokens"],
-        settings["answer_tokens"] - 1,
-        settings["length_jitter"],
-        settings["segment_length"],
-    )
-    sft_dataset = Dataset.from_list(sft_rows)
-    preference_dataset = Dataset.from_list(preference_rows)
-    phases.mark("model_and_data")
-    result = {"config": config, "parameters": n_params}
-    if config == "baseline":
-        phases.mark("end")
-        result.update(peak_mib=peak_rss_mib(), phases=phases.marks, trainable_parameters=0, wall_s=0.0)
-        return result
-
-    class StepMarks(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            phases.mark("train_begin")
-
-        def on_step_end(self, args, state, control, **kwargs):
-            phases.mark(f"step_{state.global_step}_end")
-
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as output_dir:
-        common = common_training_args(settings, output_dir)
-        lora = config.startswith("lora")
-        scoring = None
-        if config.endswith("dpo"):
-            args = DPOConfig(**common)
-            ref_model = None if lora else build_model(tokenizer, settings)  # same seed: same weights
-            trainer = DPOTrainer(
-                model=model,
-                ref_model=ref_model,
-                args=args,
-                train_dataset=preference_dataset,
-                processing_class=tokenizer,
-                peft_config=lora_config(settings) if lora else None,
-            )
-        else:
-            args = SAPOConfig(
-                **common,
-                loss_type="dpo",
-                segment_length=settings["segment_length"],
-                ema_decay=0.5,
-                ema_update_interval=1,
-                sample_every_n_steps=1,
-                ref_model_sync_steps=settings["ref_model_sync_steps"],
-                max_prompt_length=settings["max_length"] // 2,
-            )
-            trainer = SAPOTrainer(
-                model=model,
-                args=args,
-                train_dataset=sft_dataset,
-                processing_class=tokenizer,
-                peft_config=lora_config(settings) if lora else None,
-            )
-            if config.endswith("_padded"):
-                force_padded_scoring(trainer, tokenizer.pad_token_id)
-            score = getattr(trainer, "_score", None)
-            scoring = "packed" if "packed" in getattr(score, "__name__", "") else "padded"
-            generate = getattr(trainer, "_generate_pairs", None)
-            if generate is not None:
-
-                def generate_and_mark(rows, step):  # instrumentation only: peaks around generation
-                    phases.mark(f"step_{step + 1}_before_generation")
-                    generate(rows, step)
-                    phases.mark(f"step_{step + 1}_after_generation")
-
-                trainer._generate_pairs = generate_and_mark
-        phases.mark("trainer_built")
-        trainer.add_callback(StepMarks())
-        trainer.train()
-        phases.mark("end")
-        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    result.update(
-        peak_mib=peak_rss_mib(),
-        phases=phases.marks,
-        trainable_parameters=trainable,
-        wall_s=round(time.perf_counter() - started, 1),
-        sapo_scoring=scoring,
-    )
-    return result
-
-
-def force_padded_scoring(trainer, pad_token_id: int) -> None:
-    """Make ``trainer`` score pairs as two padded rows, its path for attention implementations that
-    take no 4D mask, although this model's sdpa attention could take packed rows."""
-    import functools
-
-    from sapo.logprobs import collate_pairs, completion_logps
-
-    if not (hasattr(trainer, "_collate") and hasattr(trainer, "_score")):
-        raise SystemExit(
-            "error: this SAPOTrainer has no _collate/_score to set; run without the _padded configs"
-        )
-    trainer._collate = functools.partial(collate_pairs, pad_token_id=pad_token_id)
-    trainer._score = completion_logps
-
-
 # ---------------------------------------------------------------------------------------------
 # driver
 # ---------------------------------------------------------------------------------------------
@@ -343,14 +83,8 @@ def measure(config: str, settings: dict) -> dict:
         env["MALLOC_MMAP_THRESHOLD_"] = str(settings["malloc_mmap_threshold"])
     else:
         env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    command = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--worker",
-        config,
-        "--settings",
-        json.dumps(settings),
-    ]
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory_worker.py")
+    command = [sys.executable, worker, config, json.dumps(settings)]
     completed = subprocess.run(command, capture_output=True, text=True, env=env)
     if completed.returncode != 0:
         sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-4000:])
@@ -432,14 +166,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS)
     )
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--settings", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
-
-    if options.worker:
-        result = run_worker(options.worker, json.loads(options.settings))
-        print(json.dumps(result))
-        return
 
     configs = [name.strip() for name in options.configs.split(",") if name.strip()]
     unknown = sorted(set(configs) - set(CONFIGS))
