@@ -70,21 +70,7 @@ def prepare_train(argv: Sequence[str]) -> Callable[[], None]:
             rows, tokenizer, config.max_length, config.max_prompt_length, config.dataset_num_proc
         )
     model = load_model(model_args, tokenizer, seed=config.seed)
-    with _removing_new_folder(config.output_dir):
-        trainer = SAPOTrainer(
-            model=model,
-            args=config,
-            train_dataset=rows,
-            processing_class=tokenizer,
-            peft_config=lora_config(model_args),
-        )
-
-    def run() -> None:
-        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-        trainer.save_model(config.output_dir)
-        print(f"saved the model to {config.output_dir}")
-
-    return run
+    return _training_job(SAPOTrainer, model, config, rows, tokenizer, lora_config(model_args))
 
 
 def prepare_sft(argv: Sequence[str]) -> Callable[[], None]:
@@ -104,21 +90,7 @@ def prepare_sft(argv: Sequence[str]) -> Callable[[], None]:
     rows = load_rows(data_args)
     check_rows(rows, data_args.dataset_name)
     model = load_model(model_args, tokenizer, seed=config.seed)
-    with _removing_new_folder(config.output_dir):
-        trainer = SFTTrainer(
-            model=model,
-            args=config,
-            train_dataset=rows,
-            processing_class=tokenizer,
-            peft_config=lora_config(model_args),
-        )
-
-    def run() -> None:
-        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-        trainer.save_model(config.output_dir)
-        print(f"saved the model to {config.output_dir}")
-
-    return run
+    return _training_job(SFTTrainer, model, config, rows, tokenizer, lora_config(model_args))
 
 
 def prepare_spin(argv: Sequence[str]) -> Callable[[], None]:
@@ -275,6 +247,21 @@ def _naming(dataset_name: str) -> Iterator[None]:
         yield
     except ValueError as error:
         raise ValueError(f"dataset_name: {dataset_name}: {error}") from error
+
+
+def _training_job(trainer_class, model, config, rows, tokenizer, peft_config) -> Callable[[], None]:
+    """Build the trainer now (so its errors count as bad input), train and save when run."""
+    with _removing_new_folder(config.output_dir):
+        trainer = trainer_class(
+            model=model, args=config, train_dataset=rows, processing_class=tokenizer, peft_config=peft_config
+        )
+
+    def run() -> None:
+        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+        trainer.save_model(config.output_dir)
+        print(f"saved the model to {config.output_dir}")
+
+    return run
 
 
 @contextlib.contextmanager

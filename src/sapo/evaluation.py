@@ -18,9 +18,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .generation import SegmentGenerator
+from .generation import SegmentGenerator, self_augmented_pairs
 from .logprobs import collate_pairs, completion_logps
-from .segments import sample_cut, splice
 
 
 def preference_margin(
@@ -73,18 +72,8 @@ def margin_batches(
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            cuts = [sample_cut(len(p), len(g), segment_length, None, cut_generator) for p, g in chunk]
-            prefixes = [list(p) + list(g[:cut]) for (p, g), (cut, _) in zip(chunk, cuts)]
             with torch.no_grad():
-                segments = sampler.generate(model, prefixes, [window for _, window in cuts])
-                pairs = [
-                    {
-                        "prompt_ids": p,
-                        "chosen_ids": g,
-                        "rejected_ids": splice(g, cut, s, segment_length, eos_token_ids),
-                    }
-                    for (p, g), (cut, _), s in zip(chunk, cuts, segments)
-                ]
+                pairs, _ = self_augmented_pairs(model, chunk, sampler, cut_generator, segment_length, None)
                 batch = {k: v.to(device) for k, v in collate_pairs(pairs, pad_token_id).items()}
                 logps, _ = completion_logps(model, batch)
             chosen, rejected = logps.chunk(2)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from .segments import sample_cut, splice
+
 
 class _PerRowLimit(StoppingCriteria):
     """Marks row ``i`` done once it has ``limits[i]`` new tokens."""
@@ -111,3 +113,31 @@ def _cut_after_first(tokens: list[int], stop_ids: Iterable[int]) -> list[int]:
         if token in stop:
             return tokens[: position + 1]
     return tokens
+
+
+def self_augmented_pairs(
+    model: torch.nn.Module,
+    rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+    sampler: SegmentGenerator,
+    cut_generator: torch.Generator,
+    segment_length: int,
+    max_length: int | None,
+) -> tuple[list[dict[str, list[int]]], int]:
+    """SAPO's negatives for ``(prompt_ids, gold_ids)`` rows: draw a cut per row, let ``model``
+    rewrite one window of each gold answer in one batched call, splice the rejected answers.
+
+    Returns the pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) and the number of tokens
+    generated.
+    """
+    cuts = [sample_cut(len(p), len(g), segment_length, max_length, cut_generator) for p, g in rows]
+    prefixes = [list(p) + list(g[:cut]) for (p, g), (cut, _) in zip(rows, cuts)]
+    segments = sampler.generate(model, prefixes, [window for _, window in cuts])
+    pairs = [
+        {
+            "prompt_ids": list(p),
+            "chosen_ids": list(g),
+            "rejected_ids": splice(g, cut, segment, segment_length, sampler.eos_token_ids),
+        }
+        for (p, g), (cut, _), segment in zip(rows, cuts, segments)
+    ]
+    return pairs, sum(len(segment) for segment in segments)

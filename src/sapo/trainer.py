@@ -45,13 +45,12 @@ from .adapters import is_peft_model, policy_adapter_name
 from .buffer import ReplayBuffer
 from .config import SAPOConfig
 from .data import GOLD_IDS, PROMPT_IDS, collate_rows, prepare_dataset
-from .generation import SegmentGenerator
+from .generation import SegmentGenerator, self_augmented_pairs
 from .logprobs import collate_pairs, completion_logps
 from .objective import preference_objective
 from .packing import pack_pairs, packed_completion_logps, supports_packing
 from .policy import eos_token_ids, prepare_policy
 from .reference import build_ema_and_reference, reference_logps
-from .segments import sample_cut, splice
 
 logger = logging.get_logger(__name__)
 
@@ -217,24 +216,20 @@ class SAPOTrainer(Trainer):
 
     def _generate_pairs(self, rows: list[tuple[list[int], list[int]]], step: int) -> None:
         """One batched generation call for ``rows``; the pairs enter the buffer."""
-        cuts = [
-            sample_cut(
-                len(prompt), len(gold), self.args.segment_length, self.args.max_length, self.cut_generator
-            )
-            for prompt, gold in rows
-        ]
-        prefixes = [list(prompt) + list(gold[:cut]) for (prompt, gold), (cut, _) in zip(rows, cuts)]
-        windows = [window for _, window in cuts]
         started = time.perf_counter()
-        with self.ema.sampling_model() as sampler, self.accelerator.autocast():
-            segments = self.segment_generator.generate(sampler, prefixes, windows)
-        self._metrics["sapo/generation_seconds"].append(time.perf_counter() - started)
-        self._metrics["sapo/segment_tokens"].append(float(sum(len(segment) for segment in segments)))
-        for (prompt, gold), (cut, _), segment in zip(rows, cuts, segments):
-            rejected = splice(gold, cut, segment, self.args.segment_length, self.eos_token_ids)
-            self.buffer.add(
-                {"prompt_ids": list(prompt), "chosen_ids": list(gold), "rejected_ids": rejected, "step": step}
+        with self.ema.sampling_model() as model, self.accelerator.autocast():
+            pairs, generated = self_augmented_pairs(
+                model,
+                rows,
+                self.segment_generator,
+                self.cut_generator,
+                self.args.segment_length,
+                self.args.max_length,
             )
+        self._metrics["sapo/generation_seconds"].append(time.perf_counter() - started)
+        self._metrics["sapo/segment_tokens"].append(float(generated))
+        for pair in pairs:
+            self.buffer.add({**pair, "step": step})
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """DPO or ORPO on a buffer batch (rows ``[:B]`` chosen, ``[B:]`` rejected)."""
