@@ -9,7 +9,7 @@ import torch
 from datasets import Dataset
 
 from sapo.logprobs import collate_pairs, completion_logps
-from sapo.losses import dpo_loss, log1mexp, orpo_loss
+from sapo.losses import AVERAGE_LOGP_CEILING, dpo_loss, log1mexp, orpo_loss
 from sapo.tiny import tiny_llama
 
 
@@ -143,16 +143,46 @@ def test_orpo_loss_gradient_hand_computed():
 
 
 def test_orpo_loss_extreme_log_probs_are_finite():
-    # ℓ very close to 0 (near-certain answer) and very negative
-    chosen = t(-1e-7, -60.0, -1e-3)
-    rejected = t(-60.0, -1e-7, -1e-3)
+    # ℓ very close to 0 (near-certain answer, still below the cap) and very negative
+    chosen = t(-1e-5, -60.0, -1e-3)
+    rejected = t(-60.0, -1e-5, -1e-3)
     losses, ratio, log_odds = orpo_loss(t(0.0, 0.0, 0.0), chosen, rejected, beta=0.1)
     assert torch.isfinite(losses).all() and torch.isfinite(ratio).all() and torch.isfinite(log_odds).all()
-    # log_odds(-1e-7) = -1e-7 - log(1 - e^{-1e-7}) ≈ -log(1e-7) = 16.118; log_odds(-60) ≈ -60
-    expected = (-1e-7 - math.log(-math.expm1(-1e-7))) - (-60.0 - math.log1p(-math.exp(-60.0)))
+    # log_odds(-1e-5) = -1e-5 - log(1 - e^{-1e-5}) ≈ -log(1e-5) = 11.513 (naive log1p(-exp) is
+    # off in the 4th digit here); log_odds(-60) ≈ -60
+    expected = (-1e-5 - math.log(-math.expm1(-1e-5))) - (-60.0 - math.log1p(-math.exp(-60.0)))
     assert log_odds[0].item() == pytest.approx(expected, rel=1e-5)
     assert log_odds[1].item() == pytest.approx(-expected, rel=1e-5)
     assert log_odds[2].item() == 0.0
+
+
+def test_orpo_loss_and_gradients_stay_finite_for_certain_answers():
+    # a converged model gives a short gold answer average log-prob 0.0 in float32, and SAPO's
+    # rewrite can equal the gold answer: log(1 - e^0) = -inf, and -inf - -inf = NaN without a cap
+    chosen = torch.tensor([0.0, 0.0, -1e-9, -2.0], requires_grad=True)
+    rejected = torch.tensor([0.0, -3.0, -1e-9, 0.0], requires_grad=True)
+    losses, ratio, log_odds = orpo_loss(t(0.0, 0.0, 0.0, 0.0), chosen, rejected, beta=0.5)
+    losses.sum().backward()
+    for tensor in (losses, ratio, log_odds, chosen.grad, rejected.grad):
+        assert torch.isfinite(tensor).all(), tensor
+    assert log_odds[0].item() == 0.0 and log_odds[2].item() == 0.0  # identical answers: no preference
+    ceiling = AVERAGE_LOGP_CEILING
+    assert log_odds[1].item() == pytest.approx(
+        (ceiling - math.log(-math.expm1(ceiling))) - (-3.0 - math.log1p(-math.exp(-3.0))), rel=1e-5
+    )
+    assert log_odds[3].item() == pytest.approx(
+        -(ceiling - math.log(-math.expm1(ceiling))) + (-2.0 - math.log1p(-math.exp(-2.0))), rel=1e-5
+    )
+    # below the cap nothing changes: the gradient still flows
+    assert rejected.grad[1].item() != 0.0 and chosen.grad[3].item() != 0.0
+
+
+def test_log1mexp_gradient_is_finite_on_both_branches():
+    x = torch.tensor([-1e-6, -0.5, -0.7, -5.0, -100.0], requires_grad=True)
+    log1mexp(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    expected = [math.exp(v) / math.expm1(v) for v in (-1e-6, -0.5, -0.7, -5.0, -100.0)]  # d/dx log(1-e^x)
+    assert x.grad.tolist() == pytest.approx(expected, rel=1e-4)
 
 
 def test_orpo_loss_bf16_inputs_computed_in_fp32():
