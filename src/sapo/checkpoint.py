@@ -122,6 +122,24 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def save_weights(state, path: str | Path, is_main_process: bool) -> None:
+    """Write the EMA's or the reference's weights to one file; every rank must call this.
+
+    Weights sharded across ranks (FSDP2, :mod:`sapo.sharding`) are gathered whole, one tensor at a
+    time, so the file is the same as an unsharded run's; only the main process writes it.
+    """
+    gather = getattr(state, "full_tensors", None)
+    tensors = gather(keep=is_main_process) if gather is not None else state.tensors()
+    if is_main_process:
+        save_tensors(tensors, path)
+
+
+def load_weights(state, path: str | Path) -> None:
+    """Inverse of :func:`save_weights`: a sharded state keeps this rank's shard of each tensor."""
+    load = getattr(state, "load_full_tensors", state.load_tensors)
+    load(load_tensors(path))
+
+
 def publish(staged: str | Path, final: str | Path) -> None:
     """Move a fully written checkpoint folder to its final name in one rename.
 

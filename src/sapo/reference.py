@@ -18,6 +18,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from .adapters import AdapterEMA, AdapterReference, is_peft_model, policy_adapter_name
 from .ema import EMAModel, copy_weights
+from .sharding import build_sharded, is_sharded
 
 
 class CopiedReference:
@@ -38,11 +39,15 @@ class CopiedReference:
         copy_weights(tensors, dict(self.model.named_parameters()))
 
 
-def build_ema_and_reference(policy, args, ref_model=None):
+def build_ema_and_reference(policy, args, ref_model=None, device=None):
     """The EMA model and (DPO only, else ``None``) the reference for ``policy``.
 
-    Both start as exact copies of the policy at step 0, except a reference the user passed.
+    Both start as exact copies of the policy at step 0, except a reference the user passed. For a
+    policy sharded with FSDP2 both are sharded like it (:mod:`sapo.sharding`). ``device``, when
+    given, is where whole copies live: the CPU while accelerate has yet to shard the policy.
     """
+    if is_sharded(policy):
+        return build_sharded(policy, args, ref_model)
     if is_peft_model(policy):
         if ref_model is not None:
             raise ValueError("ref_model: with a PEFT policy the reference is an adapter on the same base")
@@ -50,11 +55,11 @@ def build_ema_and_reference(policy, args, ref_model=None):
         ema = AdapterEMA(policy, adapter, args.ema_decay)
         reference = AdapterReference(policy, adapter) if args.loss_type == "dpo" else None
         return ema, reference
-    ema = EMAModel(policy, args.ema_decay, device=args.ema_device or args.device)
+    ema = EMAModel(policy, args.ema_decay, device=device or args.ema_device or args.device)
     reference = None
     if args.loss_type == "dpo":
         reference_model = ref_model if ref_model is not None else copy.deepcopy(policy)
-        reference = CopiedReference(reference_model, args.device, args.disable_dropout)
+        reference = CopiedReference(reference_model, device or args.device, args.disable_dropout)
     return ema, reference
 
 
@@ -68,7 +73,10 @@ def reference_logps(
     (``ref_logps``, ``ref_version``); only the other pairs go through the reference model, in one
     batch built by ``collate`` and scored by ``score`` (e.g. ``collate_pairs``/``completion_logps``).
     """
-    missing = list({id(p): p for p in pairs if p.get("ref_version") != version}.values())
+    # a sharded reference's forward gathers weights from all ranks: each rank scores every pair,
+    # every time, or a rank with nothing left to score would leave the others waiting
+    rescore = getattr(reference, "sharded", False)
+    missing = list({id(p): p for p in pairs if rescore or p.get("ref_version") != version}.values())
     if missing:
         batch = {name: tensor.to(device) for name, tensor in collate(missing).items()}
         with reference.scoring_model() as model:

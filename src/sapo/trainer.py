@@ -51,6 +51,7 @@ from .objective import preference_objective
 from .packing import pack_pairs, packed_completion_logps, supports_packing
 from .policy import eos_token_ids, prepare_policy
 from .reference import build_ema_and_reference, reference_logps
+from .sharding import check_supported, shard_like_policy
 
 logger = logging.get_logger(__name__)
 
@@ -61,6 +62,10 @@ class _AfterOptimizerStep(TrainerCallback):
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         self.trainer._set_sync_interval(train_dataloader)
+        # accelerate shards an FSDP2 policy only now: shard the EMA and reference like it
+        trainer = self.trainer
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        trainer.ema, trainer.reference = shard_like_policy(policy, trainer.ema, trainer.reference)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._after_optimizer_step(state.global_step)
@@ -125,12 +130,9 @@ class SAPOTrainer(Trainer):
         # the loss is a mean over the batch: Trainer divides it by the accumulation steps
         self.model_accepts_loss_kwargs = False
 
-        if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
-            raise ValueError(
-                "sharded weights (FSDP, DeepSpeed ZeRO-3) are not supported yet: the EMA and reference "
-                "would need per-shard updates; use DDP or DeepSpeed ZeRO-2, with LoRA for large models"
-            )
         policy = self.accelerator.unwrap_model(self.model)
+        fsdp_plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        check_supported(fsdp_plugin, is_deepspeed_zero3_enabled(), is_peft_model(policy))
         rank = self.args.process_index
         self.eos_token_ids = eos_token_ids(policy, processing_class)
         self.buffer = ReplayBuffer(args.replay_buffer_size, seed=args.seed + rank)
@@ -143,7 +145,9 @@ class SAPOTrainer(Trainer):
             top_k=args.top_k,
             seed=args.seed + 104729 * (rank + 1),
         )
-        self.ema, self.reference = build_ema_and_reference(policy, self.args, ref_model)
+        # under FSDP the policy is still whole here: whole copies wait on the CPU to be sharded
+        device = "cpu" if self.is_fsdp_enabled else None
+        self.ema, self.reference = build_ema_and_reference(policy, self.args, ref_model, device)
         self.ref_model_sync_steps = args.ref_model_sync_steps
         self._reference_version = 0  # bumped at every sync; cached reference log-probs carry it
         # chosen and rejected share prompt + gold[:cut]: score both in one packed row where the
@@ -337,12 +341,12 @@ class SAPOTrainer(Trainer):
             self._staging_dir = None
         tensors, metadata = self._rank_state()
         checkpoint.save_rank_state(staged, self.args.process_index, tensors, metadata)
-        if self.args.should_save:
-            checkpoint.save_tensors(self.ema.tensors(), os.path.join(staged, checkpoint.EMA_FILE))
-            if self.reference is not None:
-                checkpoint.save_tensors(
-                    self.reference.tensors(), os.path.join(staged, checkpoint.REFERENCE_FILE)
-                )
+        # every rank: sharded weights are gathered before the main process writes them
+        checkpoint.save_weights(self.ema, os.path.join(staged, checkpoint.EMA_FILE), self.args.should_save)
+        if self.reference is not None:
+            checkpoint.save_weights(
+                self.reference, os.path.join(staged, checkpoint.REFERENCE_FILE), self.args.should_save
+            )
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             checkpoint.write_json(
@@ -388,8 +392,6 @@ class SAPOTrainer(Trainer):
         self._reference_version = metadata["reference_version"]
         self._steps_generated_ahead = metadata["steps_generated_ahead"]
         self._window.clear()
-        self.ema.load_tensors(checkpoint.load_tensors(os.path.join(path, checkpoint.EMA_FILE)))
+        checkpoint.load_weights(self.ema, os.path.join(path, checkpoint.EMA_FILE))
         if self.reference is not None:
-            self.reference.load_tensors(
-                checkpoint.load_tensors(os.path.join(path, checkpoint.REFERENCE_FILE))
-            )
+            checkpoint.load_weights(self.reference, os.path.join(path, checkpoint.REFERENCE_FILE))

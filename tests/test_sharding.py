@@ -1,0 +1,105 @@
+"""FSDP2: SAPO's sharded EMA and reference on two CPU processes under torchrun (gloo).
+
+The worker (`sharded_worker.py`) shards a tiny Llama with `fully_shard` per decoder layer and at
+the root; transformers' Trainer ignores FSDP on the CPU, so the pieces are tested directly.
+"""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from sapo.sharding import check_supported
+
+SCRIPT = Path(__file__).with_name("sharded_worker.py")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    output = tmp_path_factory.mktemp("fsdp2")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",  # a free port: no clash with another run on the machine
+        "--nproc_per_node",
+        "2",
+        str(SCRIPT),
+        str(output),
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((output / "report.json").read_text())["ranks"]
+
+
+def test_ema_is_a_float32_copy_sharded_like_the_policy(ranks):
+    for rank in ranks:
+        assert rank["initial_error"] == 0.0
+        assert rank["sharded_placements"] == ["(Shard(dim=0),)"]
+        assert rank["fsdp_units"] == 3  # two decoder layers and the root
+
+
+def test_ema_update_is_local_and_matches_the_formula(ranks):
+    for rank in ranks:
+        assert rank["update_error"] <= 1e-6  # d * ema + (1 - d) * policy on whole tensors
+        assert rank["update_collectives"] == [0, 0]
+        assert rank["update_in_place"] and rank["num_updates"] == 2
+        assert rank["gather_collectives"] > 0  # the counter does see collectives
+
+
+def test_generation_gathers_once_and_matches_unsharded_weights(ranks):
+    for rank in ranks:
+        assert rank["generation_equal"]
+        assert rank["whole_inside"] and rank["resharded_after"]
+        # one all-gather per FSDP unit per call, whatever the number of tokens
+        assert rank["generation_collectives"] == {"2": 3, "8": 3}
+    # each rank decodes its own length: no rank waits for the other
+    assert [rank["generated"] for rank in ranks] == [6, 10]
+
+
+def test_reference_sync_copies_the_ema_shard_to_shard(ranks):
+    for rank in ranks:
+        assert rank["sync_error"] == 0.0 and rank["sync_collectives"] == 0
+        assert rank["scoring_error"] <= 1e-5
+        # its forward is collective: cached pairs are scored again so every rank scores together
+        assert rank["cached_pairs_scored"] == [2]
+
+
+def test_checkpoint_round_trip_restores_the_same_shards(ranks):
+    for rank in ranks:
+        assert rank["files"] == ["sapo_ema.safetensors", "sapo_reference.safetensors"]
+        assert rank["ema_reload_error"] == 0.0 and rank["reference_reload_error"] == 0.0
+        assert rank["plain_reload_error"] == 0.0  # the unsharded format: a whole EMA loads it
+
+
+def test_sharded_policy_dispatch_and_handover_from_whole_copies(ranks):
+    for rank in ranks:
+        assert rank["dispatch"] == ["ShardedEMA", "ShardedReference"] and rank["dispatch_error"] == 0.0
+        assert rank["handover"] == ["ShardedEMA", "ShardedReference"]
+        assert rank["handover_error"] == 0.0 and rank["handover_updates"] == 7
+
+
+@pytest.mark.parametrize(
+    ("plugin", "zero3", "refused"),
+    [(SimpleNamespace(fsdp_version=1), False, "FSDP1"), (None, True, "DeepSpeed ZeRO-3")],
+)
+def test_fsdp1_and_zero3_are_refused_naming_the_alternatives(plugin, zero3, refused):
+    with pytest.raises(ValueError, match=refused) as error:
+        check_supported(plugin, zero3, peft=False)
+    assert all(name in str(error.value) for name in ("FSDP2", "ZeRO-2", "LoRA"))
+
+
+def test_fsdp2_is_allowed_with_a_warning_but_not_with_peft(caplog):
+    with pytest.raises(ValueError, match="PEFT"):
+        check_supported(SimpleNamespace(fsdp_version=2), False, peft=True)
+    with caplog.at_level(logging.WARNING):
+        check_supported(SimpleNamespace(fsdp_version=2), False, peft=False)
+    assert "not been run on GPUs" in caplog.text
+    check_supported(None, False, peft=False)  # DDP, single device: nothing to say
