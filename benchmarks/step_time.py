@@ -7,8 +7,14 @@ Methods, each run through its trainer's real ``train()`` loop:
   scoring each pair in one packed row (``sapo.packing``, the trainer's choice under ``sdpa``);
 - ``sapo_update_unpacked``: the same, scoring chosen and rejected as two padded rows
   (``sapo.logprobs``), to show what packing buys;
+- ``sapo_update_all_logits``: the packed update step computing logits at every position, prompt
+  included, to show what skipping them buys (it grows with the vocabulary: ``--vocab-size``);
 - ``sapo_total``: the whole SAPO step, the EMA model sampling ``segment_length`` tokens per row;
-- ``sapo_total_unpacked``: the whole step, unpacked.
+- ``sapo_total_unpacked``: the whole step, unpacked;
+- ``sapo_total_gen_1_thread``: the whole step, generating with one torch thread
+  (``SegmentGenerator.num_threads``).
+
+``benchmarks/generation_time.py`` times the generation options (static cache, compile, ...) alone.
 
 Each SAPO method sets the trainer's collate and scoring functions itself, so the comparison does
 not depend on which one the trainer picks by default.
@@ -22,6 +28,7 @@ over all measured steps. The last line printed is one JSON object.
 
     python benchmarks/step_time.py            # default setting (5-15 minutes on 2 busy CPU cores)
     python benchmarks/step_time.py --quick    # a short run to check that it works
+    python benchmarks/step_time.py --methods sapo_update sapo_update_all_logits --vocab-size 32000
 """
 
 from __future__ import annotations
@@ -32,133 +39,38 @@ import functools
 import json
 import os
 import platform
-import random
 import statistics
 import tempfile
-import time
 import warnings
 
 import datasets
 import torch
 import transformers
 import trl
-from datasets import Dataset
-from transformers import TrainerCallback
+from step_time_parts import GenerationMeter, StepTimer, as_text, make_pairs
 from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
 from sapo import SAPOConfig, SAPOTrainer
 from sapo.logprobs import collate_pairs, completion_logps
 from sapo.packing import pack_pairs, packed_completion_logps
-from sapo.segments import sample_cut, splice
 from sapo.tiny import char_tokenizer, tiny_llama
 
-METHODS = ("trl_dpo", "sapo_update", "sapo_update_unpacked", "sapo_total", "sapo_total_unpacked")
+# SAPO methods: (generate, scoring, intra-op threads while generating; None: torch's setting)
+METHODS = {
+    "trl_dpo": None,
+    "sapo_update": (False, "packed", None),
+    "sapo_update_unpacked": (False, "unpacked", None),
+    "sapo_update_all_logits": (False, "packed_all_logits", None),
+    "sapo_total": (True, "packed", None),
+    "sapo_total_unpacked": (True, "unpacked", None),
+    "sapo_total_gen_1_thread": (True, "packed", 1),
+}
 SCORING = {  # (collate, score) for the policy and the reference
     "packed": (pack_pairs, packed_completion_logps),
+    "packed_all_logits": (functools.partial(pack_pairs, skip_prompt_logits=False), packed_completion_logps),
     "unpacked": (collate_pairs, completion_logps),
 }
-TEXT_CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-
-
-def clocks() -> tuple[float, float]:
-    """Wall-clock and this process's CPU seconds: CPU time moves less when other jobs share the
-    cores, so it backs up wall-clock ratios measured on a busy machine."""
-    return time.perf_counter(), time.process_time()
-
-
-class StepTimer(TrainerCallback):
-    """Per optimizer step: ``get_batch_samples`` plus ``on_step_begin`` → ``on_step_end``, in
-    wall-clock and CPU seconds."""
-
-    def __init__(self, trainer, warmup: int):
-        self.warmup = warmup
-        self.fetch = (0.0, 0.0)
-        self.steps: list[float] = []
-        self.cpu_steps: list[float] = []
-        self.windows: list[float] = []
-        # SAPO: share of the batch whose reference log-probs were cached
-        self.reference_reuse: list[float] = []
-        self.trainer = trainer
-        fetch = trainer.get_batch_samples
-
-        def timed_fetch(*args, **kwargs):
-            wall, cpu = clocks()
-            result = fetch(*args, **kwargs)
-            self.fetch = (time.perf_counter() - wall, time.process_time() - cpu)
-            return result
-
-        trainer.get_batch_samples = timed_fetch  # the loop calls it once per optimizer step
-        trainer.add_callback(self)  # last, so SAPO's EMA/reference callback runs inside the window
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.began = clocks()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        wall, cpu = time.perf_counter() - self.began[0], time.process_time() - self.began[1]
-        if state.global_step > self.warmup:
-            self.windows.append(wall)
-            self.steps.append(self.fetch[0] + wall)
-            self.cpu_steps.append(self.fetch[1] + cpu)
-            if isinstance(self.trainer, SAPOTrainer):  # its metrics pile up until the next log
-                self.reference_reuse.append(self.trainer._metrics["sapo/reference_reuse"][-1])
-
-
-class GenerationMeter:
-    """Wraps a SegmentGenerator's ``generate`` to count the segment tokens and the seconds."""
-
-    def __init__(self, generator):
-        self.tokens, self.seconds = 0, 0.0
-        generate = generator.generate
-
-        def timed_generate(*args, **kwargs):
-            started = time.perf_counter()
-            segments = generate(*args, **kwargs)
-            self.seconds += time.perf_counter() - started
-            self.tokens += sum(len(segment) for segment in segments)
-            return segments
-
-        generator.generate = timed_generate
-
-
-def make_pairs(
-    tokenizer, count: int, prompt_length: int, completion_length: int, segment_length: int, seed: int
-):
-    """``count`` pairs as SAPO builds them: gold ends in EOS; a random segment replaces
-    ``segment_length`` gold tokens at a uniform cut. A segment that replaces the gold's end ends
-    in EOS itself, so every rejected answer ends in EOS (TRL would append one otherwise) and is as
-    long as its gold."""
-    rng = random.Random(seed)
-    cut_generator = torch.Generator().manual_seed(seed)
-    vocab = tokenizer.get_vocab()
-    letters = [vocab[character] for character in TEXT_CHARACTERS]
-    eos = tokenizer.eos_token_id
-    pairs = []
-    for _ in range(count):
-        prompt = [rng.choice(letters) for _ in range(prompt_length)]
-        gold = [rng.choice(letters) for _ in range(completion_length - 1)] + [eos]
-        cut, window = sample_cut(prompt_length, completion_length, segment_length, None, cut_generator)
-        segment = [rng.choice(letters) for _ in range(window)]
-        if cut + window == completion_length:
-            segment[-1] = eos
-        pairs.append(
-            {
-                "prompt_ids": prompt,
-                "chosen_ids": gold,
-                "rejected_ids": splice(gold, cut, segment, segment_length, eos),
-                "step": 0,
-            }
-        )
-    return pairs
-
-
-def as_text(tokenizer, pairs) -> Dataset:
-    """The pairs as strings (one character per token), for trainers that tokenize themselves."""
-    rows = [
-        {side: tokenizer.decode(pair[f"{side}_ids"]) for side in ("prompt", "chosen", "rejected")}
-        for pair in pairs
-    ]
-    return Dataset.from_list(rows)
 
 
 def common_args(output_dir: str, batch_size: int, max_steps: int) -> dict:
@@ -228,17 +140,19 @@ def build_sapo(policy, tokenizer, pairs, settings, output_dir, generate: bool):
 
 
 def run_method(method, policy, tokenizer, pairs, settings, results):
+    meter = None
     with tempfile.TemporaryDirectory() as output_dir:
-        if method == "trl_dpo":
+        if METHODS[method] is None:
             trainer = build_trl(policy, tokenizer, pairs, settings, output_dir)
         else:
-            generate = method.startswith("sapo_total")
+            generate, scoring, threads = METHODS[method]
             trainer = build_sapo(policy, tokenizer, pairs, settings, output_dir, generate)
-            collate, trainer._score = SCORING["unpacked" if method.endswith("_unpacked") else "packed"]
+            collate, trainer._score = SCORING[scoring]
             trainer._collate = functools.partial(collate, pad_token_id=tokenizer.pad_token_id)
+            trainer.segment_generator.num_threads = threads
+            meter = GenerationMeter(trainer.segment_generator) if generate else None
         trainer.remove_callback(PrinterCallback)
         timer = StepTimer(trainer, settings.warmup)
-        meter = GenerationMeter(trainer.segment_generator) if method.startswith("sapo_total") else None
         trainer.train()
     results[method]["steps"] += timer.steps
     results[method]["windows"] += timer.windows
@@ -263,8 +177,19 @@ def parse_args():
     parser.add_argument("--intermediate-size", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument(
+        "--vocab-size", type=int, help="model vocabulary (default: the tokenizer's 102); ids stay below 102"
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=list(METHODS),
+        help="methods to run (trl_dpo always)",
+    )
     settings = parser.parse_args()
+    settings.methods = ["trl_dpo", *(m for m in settings.methods if m != "trl_dpo")]
     if settings.quick:
         settings.rounds, settings.steps, settings.warmup = 1, 3, 1
     return settings
@@ -285,6 +210,8 @@ def main():
         num_hidden_layers=settings.layers,
         num_attention_heads=settings.heads,
     )
+    if settings.vocab_size:
+        model_config["vocab_size"] = settings.vocab_size
     policy = tiny_llama(tokenizer, seed=0, **model_config)
     parameters = sum(p.numel() for p in policy.parameters())
     # enough rows that no step of a run repeats a batch of the data loader
@@ -292,6 +219,7 @@ def main():
     pairs = make_pairs(
         tokenizer, count, settings.prompt_length, settings.completion_length, settings.segment_length, seed=0
     )
+    methods = settings.methods
     results = {
         method: {
             "steps": [],
@@ -301,29 +229,32 @@ def main():
             "generated_tokens": 0,
             "generation_seconds": 0.0,
         }
-        for method in METHODS
+        for method in methods
     }
     for _ in range(settings.rounds):
-        for method in METHODS:
+        for method in methods:
             run_method(method, policy, tokenizer, pairs, settings, results)
 
     def median_ms(method, key="steps"):
         return 1000 * statistics.median(results[method][key])
 
-    steps = {method: median_ms(method) for method in METHODS}
-    windows = {method: median_ms(method, "windows") for method in METHODS}
-    cpu_steps = {method: median_ms(method, "cpu_steps") for method in METHODS}
-    generated = results["sapo_total"]["generated_tokens"] + results["sapo_total_unpacked"]["generated_tokens"]
-    generation_seconds = (
-        results["sapo_total"]["generation_seconds"] + results["sapo_total_unpacked"]["generation_seconds"]
-    )
-    tokens_per_second = generated / generation_seconds
+    steps = {method: median_ms(method) for method in methods}
+    windows = {method: median_ms(method, "windows") for method in methods}
+    cpu_steps = {method: median_ms(method, "cpu_steps") for method in methods}
+    generation = {  # segment tokens per second, per generating method
+        method: round(results[method]["generated_tokens"] / results[method]["generation_seconds"], 1)
+        for method in methods
+        if results[method]["generation_seconds"] > 0
+    }
     reuse = {
         method: round(statistics.mean(results[method]["reference_reuse"]), 3)
-        for method in METHODS
+        for method in methods
         if results[method]["reference_reuse"]
     }
-    baseline = steps["trl_dpo"]
+
+    def ratio(method, baseline="trl_dpo"):
+        both = method in steps and baseline in steps
+        return round(steps[method] / steps[baseline], 4) if both else None
 
     print(
         f"tiny Llama {parameters / 1e6:.2f}M parameters ({model_config}); batch {settings.batch_size}, "
@@ -332,38 +263,39 @@ def main():
         f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)"
     )
     header = ("method", "step ms", "vs trl_dpo", "begin->end ms", "CPU ms", "CPU vs trl", "ref reuse")
-    print(f"{header[0]:<20}" + "".join(f"{name:>15}" for name in header[1:]))
-    for method in METHODS:
+    print(f"{header[0]:<24}" + "".join(f"{name:>14}" for name in header[1:]))
+    for method in methods:
         cells = (
             f"{steps[method]:.1f}",
-            f"{steps[method] / baseline:.3f}",
+            f"{ratio(method):.3f}",
             f"{windows[method]:.1f}",
             f"{cpu_steps[method]:.1f}",
             f"{cpu_steps[method] / cpu_steps['trl_dpo']:.3f}",
             f"{reuse[method]:.0%}" if method in reuse else "-",
         )
-        print(f"{method:<20}" + "".join(f"{cell:>15}" for cell in cells))
-    print(
-        f"generation: {tokens_per_second:.0f} segment tokens/s "
-        f"({generated} tokens in {generation_seconds:.2f} s)"
-    )
-    print(
-        f"packed vs unpacked: update step {steps['sapo_update'] / steps['sapo_update_unpacked']:.3f}, "
-        f"whole step {steps['sapo_total'] / steps['sapo_total_unpacked']:.3f}"
-    )
+        print(f"{method:<24}" + "".join(f"{cell:>14}" for cell in cells))
+    for method, tokens_per_second in generation.items():
+        print(f"generation ({method}): {tokens_per_second:.0f} segment tokens/s")
+    comparisons = {  # each optimization on its own: the step with it over the step without it
+        "packed_vs_unpacked_update": ratio("sapo_update", "sapo_update_unpacked"),
+        "packed_vs_unpacked_total": ratio("sapo_total", "sapo_total_unpacked"),
+        "prompt_logits_skipped_vs_all_update": ratio("sapo_update", "sapo_update_all_logits"),
+        "generation_1_thread_vs_default_total": ratio("sapo_total_gen_1_thread", "sapo_total"),
+    }
+    for name, value in comparisons.items():
+        if value is not None:
+            print(f"{name}: {value:.3f}")
 
     summary = {
-        "update_vs_trl_dpo": round(steps["sapo_update"] / baseline, 4),
-        "total_vs_trl_dpo": round(steps["sapo_total"] / baseline, 4),
-        "unpacked_update_vs_trl_dpo": round(steps["sapo_update_unpacked"] / baseline, 4),
-        "unpacked_total_vs_trl_dpo": round(steps["sapo_total_unpacked"] / baseline, 4),
-        "packed_vs_unpacked_update": round(steps["sapo_update"] / steps["sapo_update_unpacked"], 4),
-        "packed_vs_unpacked_total": round(steps["sapo_total"] / steps["sapo_total_unpacked"], 4),
+        "update_vs_trl_dpo": ratio("sapo_update"),
+        "total_vs_trl_dpo": ratio("sapo_total"),
+        **{f"{method}_vs_trl_dpo": ratio(method) for method in methods if method not in ("trl_dpo",)},
+        **comparisons,
         "median_step_ms": {method: round(value, 2) for method, value in steps.items()},
         "median_begin_to_end_ms": {method: round(value, 2) for method, value in windows.items()},
         "median_step_cpu_ms": {method: round(value, 2) for method, value in cpu_steps.items()},
         "reference_reuse": reuse,
-        "generation_tokens_per_s": round(tokens_per_second, 1),
+        "generation_tokens_per_s": generation,
         "measured_steps_per_method": len(results["trl_dpo"]["steps"]),
         "model_parameters": parameters,
         "model": model_config,

@@ -228,3 +228,33 @@ def test_continuation_depends_on_context(tokenizer):
     # the same prefix behind more left padding (a longer neighbour) gives the same continuation
     alone = generator.generate(model, [prefixes[2]], [8])[0]
     assert alone == segments[2]
+
+
+def test_num_threads_applies_while_generating_and_is_restored(tokenizer):
+    model = untied_model(tokenizer, seed=1)
+    seen = []
+    handle = model.register_forward_hook(lambda module, args, output: seen.append(torch.get_num_threads()))
+    prefixes = random_prefixes(tokenizer, [3, 6, 2], seed=4)
+    limits = [5, 5, 5]
+    before = torch.get_num_threads()
+    capped = _greedy(tokenizer, num_threads=1).generate(model, prefixes, limits)
+    assert set(seen) == {1}
+    assert torch.get_num_threads() == before
+    seen.clear()
+    assert _greedy(tokenizer).generate(model, prefixes, limits) == capped
+    assert set(seen) == {before}
+    handle.remove()
+
+
+def test_num_threads_restored_when_generation_fails(tokenizer, monkeypatch):
+    model = untied_model(tokenizer, seed=1)
+    before = torch.get_num_threads()
+
+    def broken(*args, **kwargs):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("generation failed")
+
+    monkeypatch.setattr(model, "generate", broken)
+    with pytest.raises(RuntimeError, match="generation failed"):
+        _greedy(tokenizer, num_threads=1).generate(model, random_prefixes(tokenizer, [3]), [4])
+    assert torch.get_num_threads() == before

@@ -177,3 +177,56 @@ def test_attention_without_4d_masks_is_refused():
     assert not supports_packing(model)
     with pytest.raises(ValueError, match="flash_attention_2"):
         packed(model, CASES)
+
+
+# prompts of at least 3 tokens: every row's first scored position is 2 or later, so the packed
+# forward asks the model for logits of the last positions only
+LONG_PROMPTS = [pair for pair in CASES if len(pair["prompt_ids"]) >= 3]
+
+
+def test_prompt_positions_get_no_logits():
+    full = pack_pairs(LONG_PROMPTS, PAD, skip_prompt_logits=False)
+    batch = pack_pairs(LONG_PROMPTS, PAD)
+    width = batch["input_ids"].shape[1]
+    assert full["targets"].shape[1] == width
+    # the shortest prompt has 3 tokens: position 2 is the first that predicts a response token
+    assert batch["targets"].shape[1] == batch["target_mask"].shape[1] == width - 2
+    assert not full["target_mask"][:, :2].any()
+    assert torch.equal(batch["targets"], full["targets"][:, 2:])
+    assert torch.equal(batch["target_mask"], full["target_mask"][:, 2:])
+    for key in ("input_ids", "position_ids", "attention_mask"):
+        assert torch.equal(batch[key], full[key])
+    # the model is asked for that many logits
+    kept = []
+    handle = UNTIED.lm_head.register_forward_hook(lambda module, args, output: kept.append(args[0].shape[1]))
+    with torch.no_grad():
+        packed_completion_logps(UNTIED, batch)
+    handle.remove()
+    assert kept == [width - 2]
+
+
+@pytest.mark.parametrize("model", [TIED, UNTIED], ids=["tied", "untied"])
+def test_prompt_skipping_logps_equal_separate_logps(model):
+    with torch.no_grad():
+        expected, expected_lengths = separate(model, LONG_PROMPTS)
+        logps, lengths = packed(model, LONG_PROMPTS)
+        full, _ = packed_completion_logps(model, pack_pairs(LONG_PROMPTS, PAD, skip_prompt_logits=False))
+    torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logps, full, rtol=1e-5, atol=1e-5)
+    assert torch.equal(lengths, expected_lengths)
+
+
+def test_prompt_skipping_gradients_equal_separate_gradients():
+    expected = dpo_gradients(separate, LONG_PROMPTS)
+    grads = dpo_gradients(packed, LONG_PROMPTS)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_nothing_to_score_keeps_one_position():
+    # an empty prompt and one-token answers: no token has a prediction before it
+    batch = pack_pairs([{"prompt_ids": [], "chosen_ids": [8], "rejected_ids": [9]}], PAD)
+    assert batch["targets"].shape[1] == 1
+    with torch.no_grad():
+        logps, lengths = packed_completion_logps(UNTIED, batch)
+    assert logps.tolist() == [0.0, 0.0] and lengths.tolist() == [0.0, 0.0]

@@ -4,10 +4,17 @@ All rows of a generation step go through one batched ``generate`` call (left pad
 A row stops at its own window or at EOS; the call ends as soon as every row has stopped.
 Sampling draws from a seed taken from the generator's own ``torch.Generator``, so a run is
 reproducible and the generator's state can be checkpointed.
+
+The loop is transformers' own ``generate``: its per-token bookkeeping is small next to the
+model's forward, and neither a static cache nor ``torch.compile`` paid off on CPU (figures in
+docs/performance.md). On CPU, ``num_threads`` can cap torch's intra-op threads while sampling:
+a decode step is dozens of small matrix products, and when other processes share the cores,
+each one split across threads waits for whichever thread was descheduled.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +44,8 @@ class SegmentGenerator:
         eos_token_ids: ids that end an answer.
         temperature, top_p, top_k: sampling knobs (see ``SAPOConfig``).
         seed: seed of the generator that draws one sampling seed per call.
+        num_threads: torch intra-op threads while generating on CPU (``None``: leave torch's
+            setting); restored afterwards. Has no effect on other devices.
     """
 
     pad_token_id: int
@@ -45,6 +54,7 @@ class SegmentGenerator:
     top_p: float = 0.95
     top_k: int = 50
     seed: int = 0
+    num_threads: int | None = None
 
     def __post_init__(self):
         self.eos_token_ids = list(self.eos_token_ids)
@@ -85,7 +95,8 @@ class SegmentGenerator:
         limits = torch.tensor(list(max_new_tokens), dtype=torch.long, device=device)
         call_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
         devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        threads = self.num_threads if device.type == "cpu" else None
+        with torch.random.fork_rng(devices=devices), _intra_op_threads(threads):
             torch.manual_seed(call_seed)
             output = model.generate(
                 input_ids=input_ids.to(device),
@@ -105,6 +116,20 @@ class SegmentGenerator:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator_state"])
+
+
+@contextlib.contextmanager
+def _intra_op_threads(count: int | None):
+    """Run the block with ``count`` torch intra-op threads (``None``: unchanged), then restore."""
+    before = torch.get_num_threads()
+    if count is None or count == before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _cut_after_first(tokens: list[int], stop_ids: Iterable[int]) -> list[int]:

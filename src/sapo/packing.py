@@ -11,7 +11,8 @@ each tail see the prefix and itself causally but not the other tail, so every to
 the hidden state it would get in its own unpadded sequence. :func:`pack_pairs` and
 :func:`packed_completion_logps` return what ``sapo.logprobs.collate_pairs`` and
 ``sapo.logprobs.completion_logps`` return for the same pairs, so either pair of functions can
-score a batch.
+score a batch. Positions before the first scored token (the prompt) get no logits: the LM head
+and log-softmax, large with real vocabularies, run on the scored part only.
 """
 
 from __future__ import annotations
@@ -88,14 +89,31 @@ def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return mask[:, None]
 
 
-def pack_pairs(pairs: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def first_scored_position(target_mask: torch.Tensor) -> int:
+    """The first packed position whose prediction any row scores (``target_mask`` ``(B, W, 2)``).
+
+    Positions before it only feed attention (prompt tokens), so the model need not turn their
+    hidden states into logits; at least the last position is kept.
+    """
+    scored = target_mask.any(dim=-1).any(dim=0)
+    return int(scored.to(torch.uint8).argmax()) if scored.any() else scored.shape[0] - 1
+
+
+def pack_pairs(
+    pairs: Sequence[dict[str, Any]], pad_token_id: int, skip_prompt_logits: bool = True
+) -> dict[str, torch.Tensor]:
     """Pack each pair into one right-padded row (drop-in for ``collate_pairs``).
 
     Each pair holds ``prompt_ids``, ``chosen_ids`` and ``rejected_ids``. Returns, for ``B`` pairs
     and packed width ``W``: ``input_ids``, ``position_ids`` ``(B, W)``; ``attention_mask``
     ``(B, 1, W, W)`` boolean (see :func:`packed_attention_mask`); ``targets`` and
-    ``target_mask`` ``(B, W, 2)``: the token each position predicts for the chosen (column 0) and
-    rejected (column 1) sequence, and whether it counts.
+    ``target_mask`` ``(B, K, 2)`` for the last ``K`` positions: the token each position predicts
+    for the chosen (column 0) and rejected (column 1) sequence, and whether it counts.
+
+    With ``skip_prompt_logits``, ``K`` starts at :func:`first_scored_position`, so
+    :func:`packed_completion_logps` asks the model for logits of those positions only: the LM head
+    and log-softmax skip the prompt, which matters with large vocabularies. ``K`` is a shape, known
+    on the host, so the forward needs no device sync to learn it. Otherwise ``K = W``.
     """
     rows = [_pack_one(pair) for pair in pairs]
     width = max(len(row["input_ids"]) for row in rows)
@@ -104,12 +122,14 @@ def pack_pairs(pairs: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, 
         return torch.tensor([row[key] + [fill] * (width - len(row[key])) for row in rows], dtype=torch.long)
 
     segment_ids = stacked("segment_ids", PADDING)
+    targets, target_mask = stacked("targets", [0, 0]), stacked("target_mask", [0, 0])
+    first = first_scored_position(target_mask) if skip_prompt_logits else 0
     return {
         "input_ids": stacked("input_ids", pad_token_id),
         "position_ids": stacked("position_ids", 0),
         "attention_mask": packed_attention_mask(segment_ids),
-        "targets": stacked("targets", [0, 0]),
-        "target_mask": stacked("target_mask", [0, 0]),
+        "targets": targets[:, first:],
+        "target_mask": target_mask[:, first:],
     }
 
 
@@ -155,14 +175,18 @@ def packed_completion_logps(
     Same contract as ``sapo.logprobs.completion_logps``: ``(logps, lengths)`` of shape ``(2B,)``,
     rows ``[:B]`` chosen and ``[B:]`` rejected. Response tokens inside the shared prefix (such as
     ``gold[:cut]``) count for both sides, as they do when the sides are scored separately.
+    Logits are computed only for the last ``K`` positions, those ``batch["targets"]`` covers.
     """
+    keep = batch["targets"].shape[1]
+    trimmed = {"logits_to_keep": keep} if keep < batch["input_ids"].shape[1] else {}
     logits = model(
         input_ids=batch["input_ids"],
         attention_mask=_mask_for(model, batch["attention_mask"]),
         position_ids=batch["position_ids"],
         use_cache=False,
+        **trimmed,
     ).logits
-    per_token = selective_log_softmax(logits, batch["targets"]).float()  # (B, W, 2): one softmax, two gathers
+    per_token = selective_log_softmax(logits, batch["targets"]).float()  # (B, K, 2): one softmax, two gathers
     mask = batch["target_mask"].float()
     logps, lengths = (per_token * mask).sum(dim=1), mask.sum(dim=1)
     return logps.T.reshape(-1), lengths.T.reshape(-1)

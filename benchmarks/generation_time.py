@@ -1,0 +1,132 @@
+"""Time SAPO's segment generation alone, with the options transformers offers, on the benchmark's model.
+
+One call samples up to ``--segment-length`` tokens for each of ``--batch-size`` rows after
+``prompt + gold[:cut]`` prefixes drawn as in ``step_time.py`` (prompt 64, cut uniform in [0, 32]),
+through ``SegmentGenerator.generate`` with a stop id the model never samples, so every call runs to
+the full length. Variants, interleaved over ``--repeats`` calls each, median wall-clock:
+
+- ``sample``: what the trainer does (dynamic KV cache, temperature/top-k/top-p processors);
+- ``static_cache``: ``cache_implementation="static"``;
+- ``greedy``: no sampling processors at all (what they cost);
+- ``one_thread``: ``SegmentGenerator(num_threads=1)``;
+- ``static_compiled`` (``--compile``): static cache and ``torch.compile`` of the forward (transformers
+  does this by itself on GPUs; on CPU it has to be asked for). Its first call, the compilation, is
+  reported on its own.
+
+    python benchmarks/generation_time.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import statistics
+import time
+import warnings
+
+import torch
+import transformers
+from transformers import CompileConfig
+
+from sapo.generation import SegmentGenerator
+from sapo.tiny import char_tokenizer, tiny_llama
+
+
+def prefixes(tokenizer, count: int, prompt_length: int, max_cut: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    ordinary = range(6, len(tokenizer))  # no special token: never EOS or padding
+    return [
+        [rng.choice(ordinary) for _ in range(prompt_length + rng.randint(0, max_cut))] for _ in range(count)
+    ]
+
+
+def with_generation_options(generator: SegmentGenerator, **options) -> SegmentGenerator:
+    """``generator`` whose ``generate`` calls pass ``options`` on to transformers' GenerationConfig."""
+    build = generator._generation_config
+
+    def configured(max_new_tokens):
+        config = build(max_new_tokens)
+        for name, value in options.items():
+            setattr(config, name, value)
+        return config
+
+    generator._generation_config = configured
+    return generator
+
+
+def variants(tokenizer, compile_forward: bool) -> dict[str, SegmentGenerator]:
+    # a stop id the model never samples (a role marker), so that every call runs to full length
+    never = tokenizer.convert_tokens_to_ids("<|system|>")
+    base = SegmentGenerator(pad_token_id=tokenizer.pad_token_id, eos_token_ids=[never])
+    found = {
+        "sample": base,
+        "static_cache": with_generation_options(dataclasses.replace(base), cache_implementation="static"),
+        "greedy": dataclasses.replace(base, temperature=1.0, top_k=1, top_p=1.0),
+        "one_thread": dataclasses.replace(base, num_threads=1),
+    }
+    if compile_forward:
+        config = CompileConfig(fullgraph=False, dynamic=False, mode="default")
+        config._compile_all_devices = True  # transformers compiles by itself on GPUs only
+        found["static_compiled"] = with_generation_options(
+            dataclasses.replace(base), cache_implementation="static", compile_config=config
+        )
+    return found
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--prompt-length", type=int, default=64)
+    parser.add_argument("--segment-length", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--compile", action="store_true", help="add the compiled static-cache variant")
+    settings = parser.parse_args()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    tokenizer = char_tokenizer()
+    model = tiny_llama(
+        tokenizer, seed=0, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4
+    ).eval()
+    rows = prefixes(tokenizer, settings.batch_size, settings.prompt_length, settings.segment_length)
+    limits = [settings.segment_length] * len(rows)
+    generators = variants(tokenizer, settings.compile)
+    first_call = {}
+    for name, generator in generators.items():  # warm-up; for the compiled variant, compilation
+        started = time.perf_counter()
+        generator.generate(model, rows, limits)
+        first_call[name] = time.perf_counter() - started
+    seconds = {name: [] for name in generators}
+    for _ in range(settings.repeats):
+        for name, generator in generators.items():
+            started = time.perf_counter()
+            generator.generate(model, rows, limits)
+            seconds[name].append(time.perf_counter() - started)
+    medians = {name: 1000 * statistics.median(values) for name, values in seconds.items()}
+    tokens = settings.batch_size * settings.segment_length
+    print(
+        f"{settings.batch_size} rows x {settings.segment_length} new tokens, "
+        f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, load {os.getloadavg()[0]:.1f}"
+    )
+    print(f"{'variant':<16}{'call ms':>10}{'vs sample':>11}{'tokens/s':>10}{'first call ms':>15}")
+    for name, value in medians.items():
+        print(
+            f"{name:<16}{value:>10.1f}{value / medians['sample']:>11.3f}"
+            f"{tokens / value * 1000:>10.0f}{1000 * first_call[name]:>15.0f}"
+        )
+    summary = {
+        "median_call_ms": {name: round(value, 1) for name, value in medians.items()},
+        "vs_sample": {name: round(value / medians["sample"], 3) for name, value in medians.items()},
+        "first_call_ms": {name: round(1000 * value) for name, value in first_call.items()},
+        "torch_threads": torch.get_num_threads(),
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
