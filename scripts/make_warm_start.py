@@ -1,14 +1,14 @@
-"""Reproduce the SFT warm start that `sapo demo` starts from, and measure where SFT plateaus.
+"""Reproduce the SFT warm starts shipped as `builtin:tiny-<task>-sft`, and measure where SFT plateaus.
 
-    python scripts/make_warm_start.py [--install] [--dataset_name builtin:...] [sapo sft flags ...]
+    python scripts/make_warm_start.py [--install] [--dataset_name builtin:TASK] [sapo sft flags ...]
 
-Runs `sapo sft --config recipes/demo/sft-warm-start.yaml` (other flags are passed on to it),
-scores every saved checkpoint by greedy exact match on the task's validation split, and prints the
-curve. `--install` then copies the final weights into src/sapo/assets/tiny-multiplication-sft, the
-built-in model `builtin:tiny-multiplication-sft`. The last line printed is a JSON object.
+Runs `sapo sft --config recipes/warm-start/tiny-<task>-sft.yaml` (other flags are passed on to
+it), scores every saved checkpoint by greedy exact match on the task's validation split, and
+prints the curve. `--install` then copies the final weights into src/sapo/assets/tiny-<task>-sft,
+the built-in model `builtin:tiny-<task>-sft`. The last line printed is a JSON object.
 
-Measure the plateau of the other task with `--dataset_name builtin:addition`, and a longer
-budget with `--max_steps 12000` (the cosine schedule then decays over the longer run).
+Measure other budgets with e.g. `--max_steps 12000` (the cosine schedule then decays over the
+shorter run): the recipes' budgets are where the validation exact match stopped rising.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from sapo.tasks import task_dataset
 from sapo.tiny import char_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "recipes" / "demo" / "sft-warm-start.yaml"
+RECIPES = ROOT / "recipes" / "warm-start"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
 
 
@@ -48,17 +48,17 @@ def main() -> int:
     )
     parser.add_argument("--install", action="store_true", help="copy the final weights into the package")
     parser.add_argument("--dataset_name", default="builtin:multiplication")
-    parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "tiny-multiplication-sft"))
+    parser.add_argument("--output_dir", help="default: outputs/tiny-<task>-sft")
     args, sft_flags = parser.parse_known_args()
     task = builtin_name(args.dataset_name)
-    if task is None:
-        parser.error("--dataset_name must be a built-in task")
-    if args.install and task != "multiplication":
-        parser.error("--install ships the multiplication warm start only")
+    recipe = RECIPES / f"tiny-{task}-sft.yaml"
+    if task is None or not recipe.exists():
+        parser.error(f"--dataset_name must be a built-in task with a recipe in {RECIPES}")
+    args.output_dir = args.output_dir or str(ROOT / "outputs" / f"tiny-{task}-sft")
 
     started = time.perf_counter()
     flags = ["--dataset_name", args.dataset_name, "--output_dir", args.output_dir, *sft_flags]
-    status = sapo(["sft", "--config", str(RECIPE), *flags])
+    status = sapo(["sft", "--config", str(recipe), *flags])
     if status:
         return status
     minutes = (time.perf_counter() - started) / 60
@@ -75,7 +75,7 @@ def main() -> int:
     print(f"  final        {final:.3f}")
 
     if args.install:
-        target = checkpoint_path("tiny-multiplication-sft")
+        target = checkpoint_path(f"tiny-{task}-sft")
         target.mkdir(parents=True, exist_ok=True)
         for name in MODEL_FILES:
             shutil.copy2(output / name, target / name)

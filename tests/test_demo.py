@@ -94,5 +94,5 @@ def test_shipped_warm_start_is_the_measured_sft_model(tokenizer):
     rows = prepare_dataset(task_dataset("multiplication", "test").select(range(300)), tokenizer, 32, 24)
     pairs = list(zip(rows[PROMPT_IDS], rows[GOLD_IDS]))
     accuracy = greedy_accuracy(model, pairs, tokenizer.pad_token_id, [tokenizer.eos_token_id])
-    # converged SFT, far from perfect: 0.18 on these rows (see scripts/make_warm_start.py)
-    assert 0.1 < accuracy < 0.3, accuracy
+    # converged SFT, far from perfect (see recipes/warm-start/tiny-multiplication-sft.yaml)
+    assert 0.33 < accuracy < 0.5, accuracy

@@ -17,7 +17,8 @@ COMMAND_OF = {
     "llama-3-8b/sapo-dpo-lora.yaml": "train",
     "mistral-7b/sapo-dpo.yaml": "train",
     "mistral-7b/sapo-orpo.yaml": "train",
-    "demo/sft-warm-start.yaml": "sft",
+    "warm-start/tiny-multiplication-sft.yaml": "sft",
+    "warm-start/tiny-long-multiplication-sft.yaml": "sft",
     "demo/demo.yaml": "demo",
 }
 DATACLASSES = {
@@ -120,8 +121,7 @@ def test_demo_recipe_spells_out_the_demo_defaults():
     assert args == DemoArguments()
 
 
-def test_demo_warm_start_recipe_is_offline():
-    config, model_args, data_args = load("demo/sft-warm-start.yaml")
-    assert (
-        model_args.model_name_or_path == "builtin:tiny" and data_args.dataset_name == "builtin:multiplication"
-    )
+@pytest.mark.parametrize("task", ["multiplication", "long-multiplication"])
+def test_warm_start_recipes_are_offline(task):
+    config, model_args, data_args = load(f"warm-start/tiny-{task}-sft.yaml")
+    assert model_args.model_name_or_path == "builtin:tiny" and data_args.dataset_name == f"builtin:{task}"

@@ -36,7 +36,12 @@ def test_spin_trains_against_its_own_answers(tmp_path, tokenizer, addition_datas
     )
     after = held_out_margin(model, tokenizer)
     assert len(histories) == 2
-    for history in histories:
+    for iteration, history in enumerate(histories, start=1):
+        generation = history[0]
+        assert generation["spin/iteration"] == iteration
+        # every prompt of the dataset gets an answer of at least one token
+        assert generation["spin/generated_tokens"] >= len(addition_dataset)
+        assert generation["spin/generation_seconds"] > 0
         logged = set().union(*(entry.keys() for entry in history))
         assert {"rewards/margins", "rewards/accuracies", "logps/rejected"} <= logged
     assert (tmp_path / "iteration-1" / "config.json").exists() and (

@@ -24,9 +24,9 @@ def test_splits_have_their_sizes_and_share_no_prompt(name):
     for split in SPLITS:
         assert len(prompts[split]) == TASKS[name].sizes[split]
         assert len(set(prompts[split])) == len(prompts[split]), f"duplicate prompt in {split}"
-    assert not set(prompts["train"]) & set(prompts["validation"])
-    assert not set(prompts["train"]) & set(prompts["test"])
-    assert not set(prompts["validation"]) & set(prompts["test"])
+    for index, first in enumerate(SPLITS):
+        for second in SPLITS[index + 1 :]:
+            assert not set(prompts[first]) & set(prompts[second]), (first, second)
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -41,6 +41,8 @@ def test_splits_are_pinned():
     assert task_problems("addition", "test")[:2] == [("27611+84606=", "112217"), ("18271+43432=", "61703")]
     assert task_problems("addition", "train")[0] == ("41592+97747=", "139339")
     assert task_problems("multiplication", "test")[:2] == [("17*21=", "357"), ("20*56=", "1120")]
+    assert task_problems("multiplication", "train")[0] == ("34*48=", "1632")
+    assert task_problems("long-multiplication", "train")[0] == ("769*23=", "17687")
 
 
 def test_multiplication_uses_every_two_digit_problem():
@@ -60,7 +62,7 @@ def test_rows_are_conversational_prompt_completion_that_sapo_tokenizes(tokenizer
 
 
 def test_unknown_names_fail_with_the_choices():
-    with pytest.raises(ValueError, match="addition, multiplication"):
+    with pytest.raises(ValueError, match="addition, long-multiplication, multiplication"):
         task_dataset("division", "train")
-    with pytest.raises(ValueError, match="train, validation, test"):
+    with pytest.raises(ValueError, match="train, preference, validation, test"):
         task_problems("addition", "dev")

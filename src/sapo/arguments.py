@@ -33,8 +33,9 @@ class ModelArguments:
 
     Parameters:
         model_name_or_path (`str`):
-            A built-in model (`builtin:tiny`, `builtin:small`, `builtin:tiny-multiplication-sft`), a Hub id
-            or a local folder saved with `save_pretrained`.
+            A built-in model (`builtin:tiny`, `builtin:small`, `builtin:tiny-multiplication-sft`,
+            `builtin:tiny-long-multiplication-sft`), a Hub id or a local folder saved with
+            `save_pretrained`.
         torch_dtype (`str`, *optional*):
             Weight dtype when loading: `auto`, `bfloat16`, `float16` or `float32`.
         attn_implementation (`str`, *optional*):
@@ -56,9 +57,7 @@ class ModelArguments:
     """
 
     model_name_or_path: str = field(
-        metadata={
-            "help": "builtin:tiny, builtin:small, builtin:tiny-multiplication-sft, a Hub id or a folder."
-        }
+        metadata={"help": "builtin:tiny, builtin:small, builtin:tiny-<task>-sft, a Hub id or a folder."}
     )
     torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = field(
         default=None, metadata={"help": "Weight dtype when loading the model."}
@@ -92,10 +91,13 @@ class DataArguments:
 
     Parameters:
         dataset_name (`str`):
-            A built-in task (`builtin:addition`, `builtin:multiplication`), a Hub id, a local
-            `.json`/`.jsonl`/`.parquet` file, or a local folder of such files.
+            A built-in task (`builtin:addition`, `builtin:multiplication`,
+            `builtin:long-multiplication`), a Hub id, a local `.json`/`.jsonl`/`.parquet` file, or a
+            local folder of such files.
         dataset_split (`str`, *optional*, defaults to `"train"`):
-            Split to read. A single local file is one split and ignores this.
+            Split to read. A single local file is one split and ignores this. Built-in tasks have
+            `train` (the shipped warm starts' SFT data), `preference` (prompts those warm starts
+            never saw: train SAPO on these), `validation` and `test`.
         messages_column (`str`, *optional*):
             Read this column as `messages`, for datasets that store the conversation under another
             name (the paper trains on the `chosen` column of a preference dataset).
@@ -103,7 +105,8 @@ class DataArguments:
 
     dataset_name: str = field(
         metadata={
-            "help": "builtin:addition or builtin:multiplication, a Hub id, a local data file or folder."
+            "help": "builtin:<task> (addition, multiplication, long-multiplication), a Hub id, a local "
+            "data file or folder."
         }
     )
     dataset_split: str = field(default="train", metadata={"help": "Split to read; a single file ignores it."})

@@ -44,8 +44,9 @@ commands:
   demo    offline demo on a built-in task: SFT vs SAPO-DPO vs SAPO-ORPO, in minutes on a CPU
 
 `sapo <command> --help` lists a command's fields. Built-in names work offline:
-models builtin:tiny, builtin:small, builtin:tiny-multiplication-sft; datasets builtin:addition,
-builtin:multiplication."""
+models builtin:tiny, builtin:small, builtin:tiny-multiplication-sft,
+builtin:tiny-long-multiplication-sft; datasets builtin:addition, builtin:multiplication,
+builtin:long-multiplication (splits train, preference, validation, test)."""
 
 # bad input surfaces as one of these while a command prepares
 INPUT_ERRORS = (ValueError, TypeError, KeyError, OSError)

@@ -24,7 +24,7 @@ from .tiny import TINY_MODEL_SIZES, char_tokenizer, tiny_llama
 
 BUILTIN = "builtin:"
 # checkpoints shipped as package data, each in the folder of its name under sapo/assets
-BUILTIN_CHECKPOINTS = ("tiny-multiplication-sft",)
+BUILTIN_CHECKPOINTS = ("tiny-multiplication-sft", "tiny-long-multiplication-sft")
 BUILTIN_MODELS = (*TINY_MODEL_SIZES, *BUILTIN_CHECKPOINTS)
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 

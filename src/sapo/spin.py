@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import time
 from dataclasses import dataclass, field
 
 from datasets import Dataset
@@ -141,13 +142,23 @@ class PairTrainer(Trainer):
 
 
 def run_spin(model, args: SPINConfig, train_dataset: Dataset, processing_class=None):
-    """Run ``args.spin_iterations`` SPIN iterations; returns the final model and each iteration's log."""
+    """Run ``args.spin_iterations`` SPIN iterations; returns the final model and each iteration's log.
+
+    Each iteration's log is Trainer's ``log_history`` after one first entry that records the cost
+    of that iteration's generation: ``spin/generated_tokens`` and ``spin/generation_seconds``.
+    """
     model, tokenizer = prepare_policy(model, args, processing_class)
     data = prepare_dataset(train_dataset, tokenizer, args.max_length, args.max_prompt_length)
     rows = list(zip(data[PROMPT_IDS], data[GOLD_IDS]))
     histories = []
     for iteration in range(args.spin_iterations):
+        started = time.perf_counter()
         answers = generate_answers(model, rows, tokenizer, args, seed=args.seed + iteration)
+        generation = {
+            "spin/iteration": iteration + 1,
+            "spin/generated_tokens": sum(len(answer) for answer in answers),
+            "spin/generation_seconds": time.perf_counter() - started,
+        }
         pairs = Dataset.from_list(
             [{"prompt_ids": p, "chosen_ids": g, "rejected_ids": a} for (p, g), a in zip(rows, answers)]
         )
@@ -157,6 +168,6 @@ def run_spin(model, args: SPINConfig, train_dataset: Dataset, processing_class=N
         trainer = PairTrainer(model, iteration_args, pairs, reference, tokenizer, version=iteration)
         trainer.train()
         trainer.save_model()
-        histories.append(trainer.state.log_history)
+        histories.append([generation, *trainer.state.log_history])
         model = trainer.accelerator.unwrap_model(trainer.model)
     return model, histories

@@ -1,17 +1,22 @@
 """Synthetic tasks whose answers can be checked exactly, so SAPO can be tried and measured offline.
 
 Each task draws problems (``"27611+84606="`` → ``"112217"``) from its own seeded generator. The splits
-are fixed: problems are drawn in order, duplicates skipped, and the first ``test`` problems form
-the test split, the next ``validation`` ones the validation split and the rest the training split.
-The held-out splits are drawn first, so they never change when the training split grows, and no
-prompt appears in two splits.
+are fixed: problems are drawn in order, duplicates skipped: the first ``test`` problems form the
+test split, then come ``validation``, ``train`` and ``preference``. No prompt appears in two splits.
+
+- ``train``: the SFT data of the shipped warm starts (``builtin:tiny-<task>-sft``);
+- ``preference``: prompts with gold answers that the warm start never saw, for the stage after SFT
+  (SAPO, DPO, continued SFT...). A tiny model trained with SFT to its plateau has learned its
+  training split by heart (99.8% exact match on the multiplication one against 43% on unseen
+  problems), so its own rewrites of those answers are the gold answers: no preference to learn;
+- ``validation`` (choosing settings) and ``test`` (reporting).
 
 Rows are conversational ``prompt``/``completion`` pairs: SAPO reads them as one user turn and a
 gold answer, TRL's ``SFTTrainer`` trains on the completion only.
 
-Both are hard for the built-in tiny Llama: after 12,000 SFT steps of 32 rows it answers 89% of
-unseen additions and 32% of unseen multiplications exactly (``scripts/make_warm_start.py``
-measures the curves).
+Measured plateaus of SFT with the built-in tiny Llama (batch 32, cosine schedule; validation exact
+match, ``scripts/make_warm_start.py``): addition is learned almost perfectly (99.8% after 24,000
+steps), multiplication and long multiplication are not (see ``recipes/warm-start/``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from dataclasses import dataclass
 
 from datasets import Dataset
 
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "preference", "validation", "test")
+DRAW_ORDER = ("test", "validation", "train", "preference")
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,11 @@ def _multiplication(rng: random.Random) -> tuple[str, str]:
     return f"{a}*{b}=", str(a * b)
 
 
+def _long_multiplication(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(100, 999), rng.randint(10, 99)
+    return f"{a}*{b}=", str(a * b)
+
+
 TASKS = {
     task.name: task
     for task in (
@@ -62,16 +73,23 @@ TASKS = {
             name="addition",
             description="five-digit addition, answer written most significant digit first",
             draw=_addition,
-            sizes={"train": 20_000, "validation": 500, "test": 1_000},
+            sizes={"train": 20_000, "preference": 5_000, "validation": 500, "test": 1_000},
             seed=1,
         ),
         Task(
             name="multiplication",
             description="two-digit by two-digit multiplication",
             draw=_multiplication,
-            # 8100 distinct problems in all: the rest of them form the training split
-            sizes={"train": 6_600, "validation": 500, "test": 1_000},
+            # 8100 distinct problems in all: the rest of them form the preference split
+            sizes={"train": 4_600, "preference": 2_000, "validation": 500, "test": 1_000},
             seed=2,
+        ),
+        Task(
+            name="long-multiplication",
+            description="three-digit by two-digit multiplication",
+            draw=_long_multiplication,
+            sizes={"train": 20_000, "preference": 5_000, "validation": 500, "test": 1_000},
+            seed=3,
         ),
     )
 }
@@ -89,7 +107,7 @@ def _problems(name: str) -> dict[str, tuple[tuple[str, str], ...]]:
     rng = random.Random(task.seed)
     seen: set[str] = set()
     splits: dict[str, list[tuple[str, str]]] = {}
-    for split in ("test", "validation", "train"):
+    for split in DRAW_ORDER:
         drawn: list[tuple[str, str]] = []
         while len(drawn) < task.sizes[split]:
             prompt, answer = task.draw(rng)

@@ -1,0 +1,305 @@
+"""Train one method of the paper table from an SFT warm start and score it; used by paper_table.py.
+
+Every method gets the same warm start, the same training prompts, the same batch size and the same
+number of optimizer steps, a linear learning-rate decay to 0 and no weight decay. What differs is
+where its rejected answers come from:
+
+- ``SFT``: the warm start itself, not trained further;
+- ``continued SFT``: more supervised steps on the gold answers (``trl.SFTTrainer``);
+- ``SPIN``: two SPIN iterations of half the steps each; each iteration the model answers every
+  training prompt greedily and is trained with DPO on gold against those answers (``sapo.spin``);
+- ``DPO`` / ``ORPO``: ``trl.DPOTrainer`` / ``trl.experimental.orpo.ORPOTrainer`` on a fixed paired
+  dataset, chosen = gold, rejected = one answer sampled from the warm start before training;
+- ``SAPO-DPO`` / ``SAPO-ORPO``: ``SAPOTrainer``, rejected = gold with a segment rewritten by the
+  EMA model during training;
+- ``SAPO-DPO, full answers``: ablation, the EMA model rewrites the whole answer (no gold prefix,
+  no gold suffix);
+- ``SAPO-DPO, on-policy``: ablation, a replay buffer of one batch, so every step trains on the
+  pairs it has just generated.
+
+The cost of a method is the tokens it generated (sampled answers or segments, before or during
+training) and the wall seconds of generation plus training, evaluation excluded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+METHODS = (
+    "SFT",
+    "continued SFT",
+    "SPIN",
+    "DPO",
+    "ORPO",
+    "SAPO-DPO",
+    "SAPO-ORPO",
+    "SAPO-DPO, full answers",
+    "SAPO-DPO, on-policy",
+)
+# the learning-rate family each method's grid is taken from
+FAMILY = {
+    "SFT": None,
+    "continued SFT": "sft",
+    "SPIN": "dpo",
+    "DPO": "dpo",
+    "ORPO": "orpo",
+    "SAPO-DPO": "dpo",
+    "SAPO-ORPO": "orpo",
+    "SAPO-DPO, full answers": "dpo",
+    "SAPO-DPO, on-policy": "dpo",
+}
+MAX_LENGTH, MAX_PROMPT_LENGTH = 32, 24  # built-in prompts and answers are a few characters
+FULL_ANSWER = MAX_LENGTH  # a segment this long rewrites any built-in answer whole
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run: a method at one learning rate and seed on one task."""
+
+    task: str
+    method: str
+    learning_rate: float
+    seed: int
+    steps: int
+    batch_size: int
+    beta: float
+    segment_length: int
+    ref_model_sync_steps: int
+    validation_rows: int
+    test_rows: int
+    output_dir: str
+    warm_start: str  # model name or folder
+
+
+def warm_start_name(task: str) -> str:
+    return f"builtin:tiny-{task}-sft"
+
+
+def run_job(job: Job) -> dict:
+    """Train ``job.method`` and return its validation and test exact match and its cost."""
+    import torch
+
+    torch.set_num_threads(1)  # a 0.1M-parameter model gains nothing from more threads
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+
+    from sapo.arguments import ModelArguments
+    from sapo.data import GOLD_IDS, PROMPT_IDS, prepare_dataset
+    from sapo.evaluation import greedy_accuracy
+    from sapo.loading import load_model, load_tokenizer
+    from sapo.tasks import task_dataset
+
+    model_args = ModelArguments(model_name_or_path=job.warm_start)
+    tokenizer = load_tokenizer(model_args)
+    model = load_model(model_args, tokenizer)
+    # prompts the warm start never saw (it learned its own SFT split by heart; see sapo.tasks)
+    train = training_rows(task_dataset(job.task, "preference"), job.steps * job.batch_size, job.seed)
+
+    started = time.perf_counter()
+    generated = 0
+    if job.method != "SFT":
+        # the trainers' logs and progress bars go to the run's folder, not the table's terminal
+        Path(job.output_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(job.output_dir) / "train.log", "w") as log:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                model, generated = TRAIN[FAMILY_RUNNER[job.method]](job, model, tokenizer, train)
+    seconds = time.perf_counter() - started
+
+    def accuracy(split: str, count: int) -> float:
+        rows = task_dataset(job.task, split)
+        rows = prepare_dataset(
+            rows.select(range(min(count, len(rows)))), tokenizer, MAX_LENGTH, MAX_PROMPT_LENGTH
+        )
+        pairs = list(zip(rows[PROMPT_IDS], rows[GOLD_IDS]))
+        return greedy_accuracy(model, pairs, tokenizer.pad_token_id, [tokenizer.eos_token_id])
+
+    return {
+        "task": job.task,
+        "method": job.method,
+        "learning_rate": job.learning_rate,
+        "seed": job.seed,
+        "validation_accuracy": accuracy("validation", job.validation_rows),
+        "test_accuracy": accuracy("test", job.test_rows),
+        "generated_tokens": int(generated),
+        "seconds": round(seconds, 2),
+    }
+
+
+def training_rows(dataset, count: int, seed: int):
+    """``count`` training rows drawn by ``seed`` (the whole split, shuffled, if it is smaller)."""
+    shuffled = dataset.shuffle(seed=seed)
+    return shuffled.select(range(min(count, len(shuffled))))
+
+
+def common_settings(job: Job) -> dict:
+    return dict(
+        output_dir=job.output_dir,
+        max_steps=job.steps,
+        per_device_train_batch_size=job.batch_size,
+        learning_rate=job.learning_rate,
+        lr_scheduler_type="linear",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        disable_tqdm=True,
+        seed=job.seed,
+    )
+
+
+def train_sft(job: Job, model, tokenizer, train):
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(max_length=MAX_LENGTH, **common_settings(job))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    trainer.train()
+    return trainer.model, 0
+
+
+def train_spin(job: Job, model, tokenizer, train):
+    from sapo.spin import SPINConfig, run_spin
+
+    settings = common_settings(job)
+    settings["max_steps"] = job.steps // 2
+    args = SPINConfig(
+        spin_iterations=2,
+        beta=job.beta,
+        max_new_tokens=MAX_LENGTH - MAX_PROMPT_LENGTH,
+        generation_batch_size=256,
+        max_length=MAX_LENGTH,
+        max_prompt_length=MAX_PROMPT_LENGTH,
+        **settings,
+    )
+    model, histories = run_spin(model, args, train, processing_class=tokenizer)
+    return model, sum(history[0]["spin/generated_tokens"] for history in histories)
+
+
+def sampled_pairs(model, tokenizer, train, seed: int, attempts: int = 4):
+    """Chosen = gold, rejected = an answer sampled from ``model`` (SAPO's sampling settings).
+
+    A row whose sample equals its gold answer is sampled again, up to ``attempts`` times in all,
+    and dropped if every sample is right: a pair with chosen = rejected teaches nothing, and
+    makes ORPO's odds infinite once the model is certain of the answer. Returns the pairs and
+    the tokens generated, all attempts counted.
+    """
+    from datasets import Dataset
+
+    from sapo.data import GOLD_IDS, PROMPT_IDS, prepare_dataset
+    from sapo.generation import SegmentGenerator
+
+    rows = prepare_dataset(train, tokenizer, MAX_LENGTH, MAX_PROMPT_LENGTH)
+    sampler = SegmentGenerator(tokenizer.pad_token_id, [tokenizer.eos_token_id], seed=seed)
+    rejected: dict[int, list[int]] = {}
+    pending = list(range(len(rows)))
+    generated = 0
+    model.eval()
+    for _ in range(attempts):
+        for start in range(0, len(pending), 256):
+            chunk = pending[start : start + 256]
+            prompts = [rows[PROMPT_IDS][index] for index in chunk]
+            answers = sampler.generate(model, prompts, [MAX_LENGTH - len(p) for p in prompts])
+            generated += sum(len(answer) for answer in answers)
+            for index, answer in zip(chunk, answers):
+                if answer != rows[GOLD_IDS][index]:
+                    rejected[index] = answer
+        pending = [index for index in pending if index not in rejected]
+    model.train()
+    kept = sorted(rejected)
+    pairs = Dataset.from_dict(
+        {
+            "prompt": [train[index]["prompt"] for index in kept],
+            "chosen": [train[index]["completion"] for index in kept],
+            "rejected": [
+                [
+                    {
+                        "role": "assistant",
+                        "content": tokenizer.decode(rejected[index], skip_special_tokens=True),
+                    }
+                ]
+                for index in kept
+            ],
+        }
+    )
+    return pairs, generated
+
+
+def train_paired(job: Job, model, tokenizer, train):
+    """TRL's DPO or ORPO on gold vs one answer sampled from the warm start."""
+    pairs, generated = sampled_pairs(model, tokenizer, train, job.seed)
+    settings = common_settings(job)
+    if job.method == "DPO":
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(beta=job.beta, max_length=MAX_LENGTH, **settings)
+        trainer = DPOTrainer(
+            model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=pairs,
+            processing_class=tokenizer,
+        )  # fmt: skip
+    else:
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        args = ORPOConfig(beta=job.beta, max_length=MAX_LENGTH, **settings)
+        # the chat template has no BOS and the warm start never saw one; ORPO would prepend it
+        orpo_tokenizer = copy.deepcopy(tokenizer)
+        orpo_tokenizer.bos_token = None
+        trainer = ORPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=orpo_tokenizer)
+    trainer.train()
+    return trainer.model, generated
+
+
+def train_sapo(job: Job, model, tokenizer, train):
+    from sapo import SAPOConfig, SAPOTrainer
+    from sapo.data import prepare_dataset
+
+    args = SAPOConfig(
+        loss_type="orpo" if job.method == "SAPO-ORPO" else "dpo",
+        beta=job.beta,
+        segment_length=FULL_ANSWER if job.method == "SAPO-DPO, full answers" else job.segment_length,
+        replay_buffer_size=job.batch_size if job.method == "SAPO-DPO, on-policy" else 2000,
+        ref_model_sync_steps=job.ref_model_sync_steps,
+        max_length=MAX_LENGTH,
+        max_prompt_length=MAX_PROMPT_LENGTH,
+        **common_settings(job),
+    )
+    rows = prepare_dataset(train, tokenizer, MAX_LENGTH, MAX_PROMPT_LENGTH)
+    trainer = SAPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+    trainer.train()
+    return trainer.model, segment_tokens(trainer.state.log_history)
+
+
+def segment_tokens(log_history: list[dict]) -> float:
+    """Total segment tokens: each log holds the mean per step since the previous log."""
+    total, previous = 0.0, 0
+    for entry in log_history:
+        if "sapo/segment_tokens" in entry:
+            total += entry["sapo/segment_tokens"] * (entry["step"] - previous)
+            previous = entry["step"]
+    return round(total)
+
+
+FAMILY_RUNNER = {
+    "continued SFT": "sft",
+    "SPIN": "spin",
+    "DPO": "paired",
+    "ORPO": "paired",
+    "SAPO-DPO": "sapo",
+    "SAPO-ORPO": "sapo",
+    "SAPO-DPO, full answers": "sapo",
+    "SAPO-DPO, on-policy": "sapo",
+}
+TRAIN = {"sft": train_sft, "spin": train_spin, "paired": train_paired, "sapo": train_sapo}
