@@ -102,6 +102,7 @@ def test_spec_example_is_accepted(tmp_path):
         ("top_p", {"top_p": 1.01}),
         ("beta", {"beta": 0.0}),
         ("beta", {"beta": -0.1}),
+        ("generation_num_threads", {"generation_num_threads": 0}),
     ],
 )
 def test_invalid_value_raises_naming_the_field(tmp_path, field, kwargs):
@@ -121,6 +122,7 @@ def test_invalid_value_raises_naming_the_field(tmp_path, field, kwargs):
         {"sample_every_n_steps": 1, "ema_update_interval": 1},
         {"max_length": 128, "max_prompt_length": 127},
         {"temperature": 1e-3, "beta": 1e-3},
+        {"generation_num_threads": 1},
     ],
 )
 def test_boundary_values_are_accepted(tmp_path, kwargs):

@@ -16,7 +16,12 @@ def test_bf16_and_gradient_checkpointing_train(tmp_path, tokenizer, addition_dat
     trainer = SAPOTrainer(
         model=model,
         args=make_args(
-            tmp_path, loss_type=loss_type, max_steps=3, logging_steps=1, bf16=True, gradient_checkpointing=True
+            tmp_path,
+            loss_type=loss_type,
+            max_steps=3,
+            logging_steps=1,
+            bf16=True,
+            gradient_checkpointing=True,
         ),
         train_dataset=addition_dataset,
         processing_class=tokenizer,

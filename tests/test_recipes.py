@@ -125,3 +125,13 @@ def test_demo_recipe_spells_out_the_demo_defaults():
 def test_warm_start_recipes_are_offline(task):
     config, model_args, data_args = load(f"warm-start/tiny-{task}-sft.yaml")
     assert model_args.model_name_or_path == "builtin:tiny" and data_args.dataset_name == f"builtin:{task}"
+
+
+@pytest.mark.parametrize("name", ["multi_gpu.yaml", "zero2.yaml", "fsdp2.yaml"])
+def test_accelerate_launcher_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(RECIPES / "accelerate" / name))
+    assert config.num_processes == 8 and config.mixed_precision == "bf16"
+    if name == "fsdp2.yaml":
+        assert config.fsdp_config["fsdp_version"] == 2

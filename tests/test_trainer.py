@@ -282,5 +282,34 @@ def test_reference_logps_are_reused_until_the_next_sync(tmp_path, tokenizer, tin
         fresh, _ = completion_logps(trainer.ref_model, collate_pairs(cached, tokenizer.pad_token_id))
     expected = torch.stack(fresh.chunk(2), dim=1)
     torch.testing.assert_close(
-        torch.tensor([item["ref_logps"] for item in cached], dtype=torch.float64), expected.double(), atol=1e-5, rtol=0
+        torch.tensor([item["ref_logps"] for item in cached], dtype=torch.float64),
+        expected.double(),
+        atol=1e-5,
+        rtol=0,
     )
+
+
+def test_generation_threads_apply_while_sampling_and_are_restored(
+    tmp_path, tokenizer, tiny_model, addition_dataset, monkeypatch
+):
+    trainer = SAPOTrainer(
+        model=tiny_model,
+        args=make_args(tmp_path, max_steps=2, generation_num_threads=1),
+        train_dataset=addition_dataset,
+        processing_class=tokenizer,
+    )
+    seen = []
+    generate = type(tiny_model).generate
+
+    def spy(model, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return generate(model, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_model), "generate", spy)
+    torch.set_num_threads(2)
+    try:
+        trainer.train()
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(2)

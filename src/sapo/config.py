@@ -59,6 +59,10 @@ class SAPOConfig(TrainingArguments):
         sample_every_n_steps (`int`, *optional*, defaults to `1`):
             Generate segments every this many optimizer steps. Rows that arrive in between are
             kept and generated for at the next generation step, so no row is skipped.
+        generation_num_threads (`int`, *optional*):
+            CPU only: torch's intra-op threads while sampling segments (restored afterwards);
+            `None` leaves torch's setting. A decode step of a small model is many tiny matrix
+            products, so `1` is often fastest, by far on a busy machine (docs/performance.md).
 
         > Parameters that control the EMA model, the replay buffer and the reference model
 
@@ -117,6 +121,9 @@ class SAPOConfig(TrainingArguments):
     sample_every_n_steps: int = field(
         default=1, metadata={"help": "Generate segments every this many optimizer steps; no row is skipped."}
     )
+    generation_num_threads: int | None = field(
+        default=None, metadata={"help": "CPU only: torch threads while sampling segments; None: unchanged."}
+    )
     ema_decay: float = field(
         default=0.5, metadata={"help": "Weight of the old average: ema = d * ema + (1 - d) * policy."}
     )
@@ -168,6 +175,8 @@ class SAPOConfig(TrainingArguments):
                 fail(name, "must be at least 1")
         if self.learning_rate < 0:
             fail("learning_rate", "must be >= 0")
+        if self.generation_num_threads is not None and self.generation_num_threads < 1:
+            fail("generation_num_threads", "must be at least 1, or None to leave torch's setting")
         if self.replay_buffer_size < self.per_device_train_batch_size:
             fail(
                 "replay_buffer_size",

@@ -144,6 +144,7 @@ class SAPOTrainer(Trainer):
             top_p=args.top_p,
             top_k=args.top_k,
             seed=args.seed + 104729 * (rank + 1),
+            num_threads=args.generation_num_threads,
         )
         # under FSDP the policy is still whole here: whole copies wait on the CPU to be sharded
         device = "cpu" if self.is_fsdp_enabled else None
