@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="the reduced grid (under 15 minutes)")
-    parser.add_argument("--tasks", nargs="+", default=["addition", "multiplication"])
+    parser.add_argument("--tasks", nargs="+", default=["multiplication", "long-multiplication"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD")
     parser.add_argument("--steps", type=int, help="optimizer steps of every method (a multiple of 10)")
     parser.add_argument(
@@ -73,6 +73,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.grid = GRIDS[scale]
     if args.warm_start and len(args.tasks) != 1:
         parser.error("--warm_start goes with exactly one --tasks entry")
+    from sapo.loading import BUILTIN_CHECKPOINTS
+
+    for task in [] if args.warm_start else args.tasks:
+        if f"tiny-{task}-sft" not in BUILTIN_CHECKPOINTS:
+            parser.error(f"no shipped warm start for builtin:{task}; pass --warm_start")
     if args.steps <= 0 or args.steps % 10:
         parser.error(
             "--steps must be a positive multiple of 10 (SAPO logs its generated tokens every 10 steps)"
@@ -172,8 +177,9 @@ def plot(summary: dict, tasks, methods, path: Path, title: str) -> None:
     for axis, task in zip(axes[0], tasks):
         means = [summary[(task, method)]["test_mean"] for method in methods]
         stds = [summary[(task, method)]["test_std"] for method in methods]
-        colors = ["tab:green" if method.startswith("SAPO") else "tab:gray" for method in methods]
-        axis.barh(range(len(methods)), means, xerr=stds, color=colors, capsize=3)
+        for row, (method, mean, std) in enumerate(zip(methods, means, stds)):
+            color = "tab:green" if method.startswith("SAPO") else "tab:gray"
+            axis.errorbar(mean, row, xerr=std, fmt="o", color=color, markersize=7, capsize=4)
         axis.set_yticks(range(len(methods)), methods, fontsize=10)
         axis.invert_yaxis()
         if (task, "SFT") in summary:

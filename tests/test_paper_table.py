@@ -12,6 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import paper_methods  # noqa: E402
 import paper_table  # noqa: E402
 
+from sapo.loading import BUILTIN_CHECKPOINTS  # noqa: E402
+
 
 def run(method, rate, seed, validation, test, task="addition"):
     return {
@@ -68,6 +70,10 @@ def test_quick_grid_covers_every_method_and_steps_must_be_multiples_of_ten():
         assert family is None or len(args.grid[family]) >= 2
     with pytest.raises(SystemExit):
         paper_table.parse_args(["--steps", "15"])
+    for task in args.tasks:  # every default task has its warm start shipped
+        assert paper_methods.warm_start_name(task).removeprefix("builtin:") in BUILTIN_CHECKPOINTS
+    with pytest.raises(SystemExit):  # addition has none: SFT learns it almost perfectly
+        paper_table.parse_args(["--tasks", "addition"])
 
 
 @pytest.mark.parametrize("method", ["SAPO-DPO, full answers", "SAPO-DPO, on-policy", "ORPO"])
