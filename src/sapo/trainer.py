@@ -52,6 +52,7 @@ from .packing import pack_pairs, packed_completion_logps, supports_packing
 from .policy import eos_token_ids, prepare_policy
 from .reference import build_ema_and_reference, reference_logps
 from .sharding import check_supported, shard_like_policy
+from .teardown import release_process_group
 
 logger = logging.get_logger(__name__)
 
@@ -163,8 +164,8 @@ class SAPOTrainer(Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self.add_callback(_AfterOptimizerStep(self))
         if self.args.world_size > 1:
-            # gloo may abort at interpreter exit while its group is alive; end it first
-            atexit.register(self.accelerator.state.destroy_process_group)
+            # gloo may abort at interpreter exit while its group is alive; end it first (sapo.teardown)
+            atexit.register(release_process_group, self)
 
     @property
     def ref_model(self):
