@@ -11,8 +11,8 @@ its grid at seed 0 and the rate with the best validation exact match is kept (ti
 rate); that rate is then trained with the other seeds. The table reports test exact match
 (mean ± standard deviation over seeds) of the chosen rate only, with each method's cost.
 
-    python benchmarks/paper_table.py           # the full grid (about an hour on 2 CPU cores)
-    python benchmarks/paper_table.py --quick   # a reduced grid, under 15 minutes on 2 cores
+    python benchmarks/paper_table.py           # the full grid (14 minutes on 2 CPU cores)
+    python benchmarks/paper_table.py --quick   # a reduced grid (3 minutes on 2 CPU cores)
 
 Writes ``table.md``, ``accuracy.png`` and ``results.json`` (every run) to ``--output_dir``. The
 last line printed is one JSON object with each method's mean test exact match per task.
