@@ -1,11 +1,9 @@
 """Two CPU processes under torchrun (gloo): training, logging, checkpoints, resume, LoRA."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import launch
 import pytest
 import torch
 from peft import PeftModel
@@ -16,20 +14,7 @@ SCRIPT = Path(__file__).with_name("distributed_train.py")
 
 
 def torchrun(*args):
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",  # a free port: no clash with another run on the machine
-        "--nproc_per_node",
-        "2",
-        str(SCRIPT),
-        *map(str, args),
-    ]
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch.torchrun(SCRIPT, *args)
     return json.loads(Path(args[0], "report.json").read_text())
 
 

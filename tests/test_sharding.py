@@ -6,12 +6,10 @@ the root; transformers' Trainer ignores FSDP on the CPU, so the pieces are teste
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import launch
 import pytest
 
 from sapo.sharding import check_supported
@@ -22,20 +20,7 @@ SCRIPT = Path(__file__).with_name("sharded_worker.py")
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     output = tmp_path_factory.mktemp("fsdp2")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",  # a free port: no clash with another run on the machine
-        "--nproc_per_node",
-        "2",
-        str(SCRIPT),
-        str(output),
-    ]
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch.torchrun(SCRIPT, output)
     return json.loads((output / "report.json").read_text())["ranks"]
 
 

@@ -171,10 +171,29 @@ def full_tensors(model: nn.Module, keep: bool) -> dict[str, torch.Tensor]:
     return gathered
 
 
-class ShardedEMA:
-    """Float32 moving average of an FSDP2 policy, sharded like it; interface of :class:`EMAModel`."""
+class _ShardedWeights:
+    """Weights access shared by the sharded EMA and reference: ``self.model`` is an FSDP2 copy."""
 
     sharded = True
+    model: nn.Module
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's shards (a reference sync copies them shard to shard)."""
+        return {name: param.to_local() for name, param in _sharded_params(self.model).items()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        copy_local_shards(tensors, self.model)
+
+    def full_tensors(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """Whole tensors, gathered on every rank (a collective); ``keep`` them on this rank or not."""
+        return full_tensors(self.model, keep)
+
+    def load_full_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        load_full(self.model, tensors)
+
+
+class ShardedEMA(_ShardedWeights):
+    """Float32 moving average of an FSDP2 policy, sharded like it; interface of :class:`EMAModel`."""
 
     def __init__(self, policy: nn.Module, decay: float):
         if not 0.0 <= decay < 1.0:
@@ -212,24 +231,9 @@ class ShardedEMA:
             del self.model.generate  # back to the class's method
             _reshard(self.model)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """This rank's float32 shards (a reference sync copies them shard to shard)."""
-        return {name: param.to_local() for name, param in _sharded_params(self.model).items()}
 
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        copy_local_shards(tensors, self.model)
-
-    def full_tensors(self, keep: bool = True) -> dict[str, torch.Tensor]:
-        return full_tensors(self.model, keep)
-
-    def load_full_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        load_full(self.model, tensors)
-
-
-class ShardedReference:
+class ShardedReference(_ShardedWeights):
     """The frozen DPO reference, sharded like the FSDP2 policy; interface of :class:`CopiedReference`."""
-
-    sharded = True
 
     def __init__(self, policy: nn.Module, disable_dropout: bool = True):
         dtype = next(iter(_sharded_params(policy).values())).dtype
@@ -244,18 +248,6 @@ class ShardedReference:
             yield self.model
         finally:
             _reshard(self.model)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {name: param.to_local() for name, param in _sharded_params(self.model).items()}
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        copy_local_shards(tensors, self.model)
-
-    def full_tensors(self, keep: bool = True) -> dict[str, torch.Tensor]:
-        return full_tensors(self.model, keep)
-
-    def load_full_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        load_full(self.model, tensors)
 
 
 def _reshard(model: nn.Module) -> None:
