@@ -203,6 +203,9 @@ def sampled_pairs(model, tokenizer, train, seed: int, attempts: int = 4):
     from sapo.generation import SegmentGenerator
 
     rows = prepare_dataset(train, tokenizer, MAX_LENGTH, MAX_PROMPT_LENGTH)
+    if len(rows) != len(train):  # pairs are matched to ``train`` rows by position
+        raise ValueError(f"{len(train) - len(rows)} training rows do not fit max_length={MAX_LENGTH}")
+    all_prompts, golds = rows[PROMPT_IDS], rows[GOLD_IDS]  # each column read once, as lists
     sampler = SegmentGenerator(tokenizer.pad_token_id, [tokenizer.eos_token_id], seed=seed)
     rejected: dict[int, list[int]] = {}
     pending = list(range(len(rows)))
@@ -211,11 +214,11 @@ def sampled_pairs(model, tokenizer, train, seed: int, attempts: int = 4):
     for _ in range(attempts):
         for start in range(0, len(pending), 256):
             chunk = pending[start : start + 256]
-            prompts = [rows[PROMPT_IDS][index] for index in chunk]
+            prompts = [all_prompts[index] for index in chunk]
             answers = sampler.generate(model, prompts, [MAX_LENGTH - len(p) for p in prompts])
             generated += sum(len(answer) for answer in answers)
             for index, answer in zip(chunk, answers):
-                if answer != rows[GOLD_IDS][index]:
+                if answer != golds[index]:
                     rejected[index] = answer
         pending = [index for index in pending if index not in rejected]
     model.train()
