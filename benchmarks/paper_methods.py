@@ -31,17 +31,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-METHODS = (
-    "SFT",
-    "continued SFT",
-    "SPIN",
-    "DPO",
-    "ORPO",
-    "SAPO-DPO",
-    "SAPO-ORPO",
-    "SAPO-DPO, full answers",
-    "SAPO-DPO, on-policy",
-)
+from sapo.tasks import MAX_LENGTH, MAX_PROMPT_LENGTH
+
 # the learning-rate family each method's grid is taken from
 FAMILY = {
     "SFT": None,
@@ -54,7 +45,7 @@ FAMILY = {
     "SAPO-DPO, full answers": "dpo",
     "SAPO-DPO, on-policy": "dpo",
 }
-MAX_LENGTH, MAX_PROMPT_LENGTH = 32, 24  # built-in prompts and answers are a few characters
+METHODS = tuple(FAMILY)
 FULL_ANSWER = MAX_LENGTH  # a segment this long rewrites any built-in answer whole
 
 
@@ -96,10 +87,8 @@ def run_job(job: Job) -> dict:
     disable_progress_bar()
 
     from sapo.arguments import ModelArguments
-    from sapo.data import GOLD_IDS, PROMPT_IDS, prepare_dataset
-    from sapo.evaluation import greedy_accuracy
     from sapo.loading import load_model, load_tokenizer
-    from sapo.tasks import task_dataset
+    from sapo.tasks import task_accuracy, task_dataset
 
     model_args = ModelArguments(model_name_or_path=job.warm_start)
     tokenizer = load_tokenizer(model_args)
@@ -114,24 +103,16 @@ def run_job(job: Job) -> dict:
         Path(job.output_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(job.output_dir) / "train.log", "w") as log:
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                model, generated = TRAIN[FAMILY_RUNNER[job.method]](job, model, tokenizer, train)
+                model, generated = RUNNERS[job.method](job, model, tokenizer, train)
     seconds = time.perf_counter() - started
-
-    def accuracy(split: str, count: int) -> float:
-        rows = task_dataset(job.task, split)
-        rows = prepare_dataset(
-            rows.select(range(min(count, len(rows)))), tokenizer, MAX_LENGTH, MAX_PROMPT_LENGTH
-        )
-        pairs = list(zip(rows[PROMPT_IDS], rows[GOLD_IDS]))
-        return greedy_accuracy(model, pairs, tokenizer.pad_token_id, [tokenizer.eos_token_id])
 
     return {
         "task": job.task,
         "method": job.method,
         "learning_rate": job.learning_rate,
         "seed": job.seed,
-        "validation_accuracy": accuracy("validation", job.validation_rows),
-        "test_accuracy": accuracy("test", job.test_rows),
+        "validation_accuracy": task_accuracy(model, tokenizer, job.task, "validation", job.validation_rows),
+        "test_accuracy": task_accuracy(model, tokenizer, job.task, "test", job.test_rows),
         "generated_tokens": int(generated),
         "seconds": round(seconds, 2),
     }
@@ -295,14 +276,13 @@ def segment_tokens(log_history: list[dict]) -> float:
     return round(total)
 
 
-FAMILY_RUNNER = {
-    "continued SFT": "sft",
-    "SPIN": "spin",
-    "DPO": "paired",
-    "ORPO": "paired",
-    "SAPO-DPO": "sapo",
-    "SAPO-ORPO": "sapo",
-    "SAPO-DPO, full answers": "sapo",
-    "SAPO-DPO, on-policy": "sapo",
+RUNNERS = {
+    "continued SFT": train_sft,
+    "SPIN": train_spin,
+    "DPO": train_paired,
+    "ORPO": train_paired,
+    "SAPO-DPO": train_sapo,
+    "SAPO-ORPO": train_sapo,
+    "SAPO-DPO, full answers": train_sapo,
+    "SAPO-DPO, on-policy": train_sapo,
 }
-TRAIN = {"sft": train_sft, "spin": train_spin, "paired": train_paired, "sapo": train_sapo}

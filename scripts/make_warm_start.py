@@ -23,10 +23,8 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM
 
 from sapo.cli import main as sapo
-from sapo.data import GOLD_IDS, PROMPT_IDS, prepare_dataset
-from sapo.evaluation import greedy_accuracy
 from sapo.loading import builtin_name, checkpoint_path
-from sapo.tasks import task_dataset
+from sapo.tasks import task_accuracy
 from sapo.tiny import char_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,11 +33,8 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
 
 
 def validation_accuracy(model_dir: Path, task: str) -> float:
-    tokenizer = char_tokenizer()
-    rows = prepare_dataset(task_dataset(task, "validation"), tokenizer, max_length=32, max_prompt_length=24)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    pairs = list(zip(rows[PROMPT_IDS], rows[GOLD_IDS]))
-    return greedy_accuracy(model, pairs, tokenizer.pad_token_id, [tokenizer.eos_token_id])
+    return task_accuracy(model, char_tokenizer(), task, "validation")
 
 
 def main() -> int:

@@ -34,11 +34,10 @@ from .data import GOLD_IDS, PROMPT_IDS, prepare_dataset
 from .evaluation import evaluate
 from .loading import load_model, load_rows, load_tokenizer
 from .report import markdown_table, plot_curves, results_table
-from .tasks import get_task
+from .tasks import MAX_LENGTH, MAX_PROMPT_LENGTH, get_task
 
 METHODS = ("SFT", "SAPO-DPO", "SAPO-ORPO")
 TABLE_METRICS = ("accuracy", "margin", "win_rate", "gold_logp")
-MAX_LENGTH, MAX_PROMPT_LENGTH = 32, 24  # built-in task prompts and answers are a few characters
 
 
 @dataclass

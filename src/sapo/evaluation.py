@@ -28,20 +28,15 @@ def preference_margin(
     pad_token_id: int,
     eos_token_ids: Sequence[int],
     segment_length: int,
-    seed: int = 0,
-    batch_size: int = 32,
-    temperature: float = 0.7,
-    top_p: float = 0.95,
-    top_k: int = 50,
+    **options,
 ) -> dict[str, float]:
     """Score ``rows`` (``(prompt_ids, gold_ids)`` pairs) against the model's own segments.
 
-    Cuts and sampling are seeded by ``seed``, so two models evaluated with the same seed see the
-    same cut points.
+    ``options`` are :func:`margin_batches`'s (``seed``, ``batch_size``, ``temperature``, ``top_p``,
+    ``top_k``). Cuts and sampling are seeded by ``seed``, so two models evaluated with the same
+    seed see the same cut points.
     """
-    batches = margin_batches(
-        model, rows, pad_token_id, eos_token_ids, segment_length, seed, batch_size, temperature, top_p, top_k
-    )
+    batches = margin_batches(model, rows, pad_token_id, eos_token_ids, segment_length, **options)
     return summarize_margins(list(batches))
 
 

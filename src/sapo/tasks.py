@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from datasets import Dataset
 
 SPLITS = ("train", "preference", "validation", "test")
+# every built-in prompt and answer fits these token budgets (one token per character)
+MAX_LENGTH, MAX_PROMPT_LENGTH = 32, 24
 DRAW_ORDER = ("test", "validation", "train", "preference")
 
 
@@ -135,3 +137,16 @@ def task_dataset(name: str, split: str) -> Dataset:
             ],
         }
     )
+
+
+def task_accuracy(model, tokenizer, name: str, split: str, count: int | None = None) -> float:
+    """Greedy exact match of ``model`` on the first ``count`` rows of one split (all by default)."""
+    from .data import GOLD_IDS, PROMPT_IDS, prepare_dataset
+    from .evaluation import greedy_accuracy
+
+    rows = task_dataset(name, split)
+    if count is not None:
+        rows = rows.select(range(min(count, len(rows))))
+    rows = prepare_dataset(rows, tokenizer, MAX_LENGTH, MAX_PROMPT_LENGTH)
+    pairs = list(zip(rows[PROMPT_IDS], rows[GOLD_IDS]))
+    return greedy_accuracy(model, pairs, tokenizer.pad_token_id, [tokenizer.eos_token_id])
