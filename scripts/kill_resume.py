@@ -96,7 +96,10 @@ def run_child(output_dir: Path, max_steps: int, loss_type: str, kill_after: floa
         loss_type,
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    # libraries may print before the child does (DeepSpeed, once installed, announces its accelerator)
     first_line = process.stdout.readline()
+    while first_line and STARTED not in first_line:
+        first_line = process.stdout.readline()
     if kill_after is not None:
         time.sleep(kill_after)
         process.send_signal(signal.SIGKILL)

@@ -1,10 +1,11 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node 2` (CPU, gloo).
 
-    torchrun --nproc_per_node 2 tests/distributed_train.py OUTPUT_DIR MAX_STEPS [RESUME] [--lora]
+  torchrun --nproc_per_node 2 tests/distributed_train.py OUT STEPS [RESUME] [--lora] [--zero N [--zero-init]]
 
-Trains SAPO-DPO on an addition task, saves checkpoints every 2 steps and, on rank 0, writes
-`report.json`: each rank's generation calls (rows per call), the logged metric names and a
-hash of the final weights.
+Trains SAPO-DPO on an addition task (with DDP, or DeepSpeed ZeRO-2/3 with `--zero`), saves
+checkpoints every 2 steps and, on rank 0, writes `report.json`: each rank's generation calls (rows
+per call), the logged metric names, a hash of the final (whole) weights and SAPO's EMA and
+reference classes.
 """
 
 import hashlib
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import datasets
+import deepspeed
 import torch
 import torch.distributed as dist
 import transformers
@@ -22,12 +24,21 @@ from peft import LoraConfig
 
 from sapo import SAPOConfig, SAPOTrainer
 from sapo.tiny import char_tokenizer, tiny_llama
+from sapo.zero3 import is_partitioned
 
 transformers.logging.set_verbosity_error()
 datasets.disable_progress_bars()
 output_dir, max_steps = sys.argv[1], int(sys.argv[2])
-resume = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] != "--lora" else None
+resume = sys.argv[3] if len(sys.argv) > 3 and not sys.argv[3].startswith("--") else None
 use_lora = "--lora" in sys.argv
+zero_stage = int(sys.argv[sys.argv.index("--zero") + 1]) if "--zero" in sys.argv else None
+deepspeed_config = None
+if zero_stage is not None:
+    deepspeed_config = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "zero_optimization": {"stage": zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+    }
 
 rng = random.Random(0)
 rows = []
@@ -49,9 +60,15 @@ args = SAPOConfig(
     use_cpu=True,
     disable_tqdm=True,
     seed=0,
+    deepspeed=deepspeed_config,
 )
+model = tiny_llama(tokenizer, seed=0)
+if "--zero-init" in sys.argv:  # partitioned at construction, as from_pretrained after the config is
+    torch.manual_seed(0)
+    model = type(model)._from_config(model.config)
+partitioned_at_start = is_partitioned(model)
 trainer = SAPOTrainer(
-    model=tiny_llama(tokenizer, seed=0),
+    model=model,
     args=args,
     train_dataset=Dataset.from_list(rows),
     processing_class=tokenizer,
@@ -66,11 +83,20 @@ trainer.train(resume_from_checkpoint=resume)
 trainer.save_model(str(Path(output_dir) / "final"))
 
 digest = hashlib.sha256()
-for tensor in trainer.accelerator.unwrap_model(trainer.model).state_dict().values():
-    digest.update(tensor.detach().cpu().numpy().tobytes())
+policy = trainer.accelerator.unwrap_model(trainer.model)
+for param in policy.parameters():
+    with deepspeed.zero.GatheredParameters([param], enabled=zero_stage == 3):
+        digest.update(param.detach().cpu().numpy().tobytes())
 gathered = [None] * dist.get_world_size()
 dist.all_gather_object(
-    gathered, {"calls": calls, "weights": digest.hexdigest(), "buffer": len(trainer.buffer)}
+    gathered,
+    {
+        "calls": calls,
+        "weights": digest.hexdigest(),
+        "buffer": len(trainer.buffer),
+        "copies": [type(trainer.ema).__name__, type(trainer.reference).__name__],
+        "partitioned_at_start": partitioned_at_start,
+    },
 )
 if trainer.args.process_index == 0:
     names = sorted(set().union(*(entry.keys() for entry in trainer.state.log_history)))

@@ -18,6 +18,10 @@ def torchrun(script, *args) -> None:
         *map(str, args),
     ]
     result = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        command,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"},
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,4 +1,5 @@
-"""Two CPU processes under torchrun (gloo): training, logging, checkpoints, resume, LoRA."""
+"""Two CPU processes under torchrun (gloo): training, logging, checkpoints, resume, LoRA, and the
+same through DeepSpeed ZeRO-2 and ZeRO-3 (DeepSpeed's CPU accelerator)."""
 
 import json
 from pathlib import Path
@@ -7,6 +8,7 @@ import launch
 import pytest
 import torch
 from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
 from sapo.tiny import char_tokenizer, tiny_llama
 
@@ -52,3 +54,29 @@ def test_two_processes_lora_adapter_loads(tmp_path):
     assert set(model.peft_config) == {"default"}
     logits = model(torch.tensor([[4, 20, 21]])).logits
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(
+    ("options", "copies"),
+    [
+        (["--zero", 2], ["EMAModel", "CopiedReference"]),
+        (["--zero", 3], ["ZeroEMA", "ZeroReference"]),  # the policy arrives whole
+        (["--zero", 3, "--zero-init"], ["ZeroEMA", "ZeroReference"]),  # it arrives partitioned
+    ],
+)
+def test_deepspeed_zero_trains_checkpoints_and_resumes_identically(tmp_path, options, copies):
+    output = tmp_path / "run"
+    report = torchrun(output, 4, *options)
+    for rank in report["ranks"]:
+        assert rank["calls"] == [4, 4, 4, 4] and rank["copies"] == copies
+        assert rank["partitioned_at_start"] == ("--zero-init" in options)
+    assert report["ranks"][0]["weights"] == report["ranks"][1]["weights"]
+    assert {"rewards/margins", "sapo/buffer_size", "loss"} <= set(report["logged"])
+    resumed = torchrun(output, 4, output / "checkpoint-2", *options)
+    assert [rank["calls"] for rank in resumed["ranks"]] == [[4, 4], [4, 4]]
+    assert resumed["ranks"][0]["weights"] == report["ranks"][0]["weights"]
+    # the saved policy is whole (ZeRO-3 gathers it) and loads without DeepSpeed
+    model = AutoModelForCausalLM.from_pretrained(output / "final")
+    assert sum(param.numel() for param in model.parameters()) == sum(
+        param.numel() for param in tiny_llama(char_tokenizer(), seed=0).parameters()
+    )

@@ -127,7 +127,7 @@ def test_warm_start_recipes_are_offline(task):
     assert model_args.model_name_or_path == "builtin:tiny" and data_args.dataset_name == f"builtin:{task}"
 
 
-@pytest.mark.parametrize("name", ["multi_gpu.yaml", "zero2.yaml", "fsdp2.yaml"])
+@pytest.mark.parametrize("name", ["multi_gpu.yaml", "zero2.yaml", "zero3.yaml", "fsdp2.yaml"])
 def test_accelerate_launcher_configs_load(name):
     from accelerate.commands.config.config_args import load_config_from_file
 

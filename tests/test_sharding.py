@@ -42,7 +42,7 @@ def test_ema_update_is_local_and_matches_the_formula(ranks):
 def test_generation_gathers_once_and_matches_unsharded_weights(ranks):
     for rank in ranks:
         assert rank["generation_equal"]
-        assert rank["whole_inside"] and rank["resharded_after"]
+        assert rank["whole_inside"] and rank["distributed_after"]
         # one all-gather per FSDP unit per call, whatever the number of tokens
         assert rank["generation_collectives"] == {"2": 3, "8": 3}
     # each rank decodes its own length: no rank waits for the other
@@ -71,20 +71,42 @@ def test_sharded_policy_dispatch_and_handover_from_whole_copies(ranks):
         assert rank["handover_error"] == 0.0 and rank["handover_updates"] == 7
 
 
+def accelerate_state(fsdp_version=None, zero_stage=None, **zero):
+    """The parts of an accelerate state that ``check_supported`` reads."""
+    fsdp = None if fsdp_version is None else SimpleNamespace(fsdp_version=fsdp_version)
+    deepspeed = None
+    if zero_stage is not None:
+        deepspeed = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": zero_stage, **zero}})
+    return SimpleNamespace(fsdp_plugin=fsdp, deepspeed_plugin=deepspeed)
+
+
+def test_fsdp1_is_refused_naming_the_alternatives():
+    with pytest.raises(ValueError, match="FSDP1") as error:
+        check_supported(accelerate_state(fsdp_version=1), peft=False)
+    assert all(name in str(error.value) for name in ("FSDP2", "ZeRO-3", "ZeRO-2", "LoRA"))
+
+
 @pytest.mark.parametrize(
-    ("plugin", "zero3", "refused"),
-    [(SimpleNamespace(fsdp_version=1), False, "FSDP1"), (None, True, "DeepSpeed ZeRO-3")],
+    ("zero", "refused"),
+    [
+        ({"zero_hpz_partition_size": 8}, "zero_hpz_partition_size"),
+        ({"offload_param": {"device": "nvme"}}, "nvme"),
+    ],
 )
-def test_fsdp1_and_zero3_are_refused_naming_the_alternatives(plugin, zero3, refused):
-    with pytest.raises(ValueError, match=refused) as error:
-        check_supported(plugin, zero3, peft=False)
-    assert all(name in str(error.value) for name in ("FSDP2", "ZeRO-2", "LoRA"))
+def test_zero3_options_that_break_slice_alignment_are_refused(zero, refused):
+    with pytest.raises(ValueError, match=refused):
+        check_supported(accelerate_state(zero_stage=3, **zero), peft=False)
 
 
-def test_fsdp2_is_allowed_with_a_warning_but_not_with_peft(caplog):
+@pytest.mark.parametrize("state", [accelerate_state(fsdp_version=2), accelerate_state(zero_stage=3)])
+def test_fsdp2_and_zero3_are_allowed_with_a_warning_but_not_with_peft(state, caplog):
     with pytest.raises(ValueError, match="PEFT"):
-        check_supported(SimpleNamespace(fsdp_version=2), False, peft=True)
+        check_supported(state, peft=True)
     with caplog.at_level(logging.WARNING):
-        check_supported(SimpleNamespace(fsdp_version=2), False, peft=False)
+        check_supported(state, peft=False)
     assert "not been run on GPUs" in caplog.text
-    check_supported(None, False, peft=False)  # DDP, single device: nothing to say
+
+
+def test_ddp_zero2_and_single_device_pass_silently_also_with_peft():
+    for state in (accelerate_state(), accelerate_state(zero_stage=2), SimpleNamespace()):
+        check_supported(state, peft=True)

@@ -173,11 +173,17 @@ def dataset_fingerprint(dataset) -> str:
     return digest.hexdigest()[:16]
 
 
+def weights_finite(model: torch.nn.Module) -> bool:
+    """Whether this rank's weights are all finite (under ZeRO-3: its slices of them)."""
+    return all(torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in model.parameters())
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A hash of the parameter names and shapes: the same architecture gives the same value."""
     digest = hashlib.sha256()
     for name, param in model.named_parameters():
-        digest.update(f"{name}:{tuple(param.shape)};".encode())
+        shape = getattr(param, "ds_shape", param.shape)  # a ZeRO-3 partition's whole shape
+        digest.update(f"{name}:{tuple(shape)};".encode())
     return digest.hexdigest()[:16]
 
 

@@ -18,7 +18,8 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from .adapters import AdapterEMA, AdapterReference, is_peft_model, policy_adapter_name
 from .ema import EMAModel, copy_weights
-from .sharding import build_sharded, is_sharded
+from .sharding import build_sharded, is_sharded, shard_like_policy
+from .zero3 import build_partitioned, is_partitioned, partition_like_policy
 
 
 class CopiedReference:
@@ -45,7 +46,10 @@ def build_ema_and_reference(policy, args, ref_model=None, device=None):
     Both start as exact copies of the policy at step 0, except a reference the user passed. For a
     policy sharded with FSDP2 both are sharded like it (:mod:`sapo.sharding`). ``device``, when
     given, is where whole copies live: the CPU while accelerate has yet to shard the policy.
+    For a policy that ZeRO-3 partitioned at loading both are partitioned like it (:mod:`sapo.zero3`).
     """
+    if is_partitioned(policy):
+        return build_partitioned(policy, args, ref_model)
     if is_sharded(policy):
         return build_sharded(policy, args, ref_model)
     if is_peft_model(policy):
@@ -60,6 +64,20 @@ def build_ema_and_reference(policy, args, ref_model=None, device=None):
     if args.loss_type == "dpo":
         reference_model = ref_model if ref_model is not None else copy.deepcopy(policy)
         reference = CopiedReference(reference_model, device or args.device, args.disable_dropout)
+    return ema, reference
+
+
+def distribute_like_policy(policy, ema, reference, accelerator):
+    """Shard (FSDP2) or partition (ZeRO-3) whole EMA and reference copies like the policy.
+
+    accelerate distributes the policy only when training starts, after SAPO built its copies
+    (and maybe loaded a checkpoint into them). Anything not distributed is returned as is.
+    """
+    ema, reference = shard_like_policy(policy, ema, reference)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        zero_config = plugin.deepspeed_config.get("zero_optimization", {})
+        ema, reference = partition_like_policy(policy, ema, reference, zero_config)
     return ema, reference
 
 

@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers.utils import logging
 from trl.trainer.utils import disable_dropout_in_model
 
+from . import zero3
 from .adapters import is_peft_model
 from .ema import zip_named
 
@@ -39,19 +40,26 @@ logger = logging.get_logger(__name__)
 PEFT_UNSUPPORTED = "FSDP2 with a PEFT policy is not supported: use LoRA with DDP or DeepSpeed ZeRO-2"
 
 
-def check_supported(fsdp_plugin, zero3: bool, peft: bool) -> None:
-    """Refuse the sharding setups whose EMA and reference SAPO cannot shard; warn once on FSDP2.
+def check_supported(state, peft: bool) -> None:
+    """Refuse the sharding setups (of an accelerate ``state``) whose EMA and reference SAPO cannot
+    shard; warn once on the others.
 
-    FSDP1 wraps the model in flat parameters and ZeRO-3 partitions it inside DeepSpeed's engine:
-    neither gives per-parameter shards that a local lerp can update. FSDP2 does.
+    FSDP1 wraps the model in flat parameters that give no per-parameter shard for a local lerp;
+    FSDP2 (DTensor shards, here) and ZeRO-3 (per-parameter slices, :mod:`sapo.zero3`) do.
     """
+    fsdp_plugin = getattr(state, "fsdp_plugin", None)
+    deepspeed_plugin = getattr(state, "deepspeed_plugin", None)
     version = None if fsdp_plugin is None else getattr(fsdp_plugin, "fsdp_version", 1)
-    if version == 1 or zero3:
+    if version == 1:
         raise ValueError(
-            f"{'FSDP1' if version == 1 else 'DeepSpeed ZeRO-3'} is not supported: SAPO shards its EMA and "
-            "reference only under FSDP2 (fsdp_version: 2); otherwise use DeepSpeed ZeRO-2 or DDP, "
-            "with LoRA for large models"
+            "FSDP1 is not supported: SAPO shards its EMA and reference under FSDP2 (fsdp_version: 2) "
+            "or DeepSpeed ZeRO-3; otherwise use DeepSpeed ZeRO-2 or DDP, with LoRA for large models"
         )
+    zero = {} if deepspeed_plugin is None else deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    if zero.get("stage") == 3:
+        if peft:
+            raise ValueError(zero3.PEFT_UNSUPPORTED)
+        zero3.check_supported(zero)
     if version == 2:
         if peft:
             raise ValueError(PEFT_UNSUPPORTED)

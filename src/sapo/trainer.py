@@ -50,8 +50,8 @@ from .logprobs import collate_pairs, completion_logps
 from .objective import preference_objective
 from .packing import pack_pairs, packed_completion_logps, supports_packing
 from .policy import eos_token_ids, prepare_policy
-from .reference import build_ema_and_reference, reference_logps
-from .sharding import check_supported, shard_like_policy
+from .reference import build_ema_and_reference, distribute_like_policy, reference_logps
+from .sharding import check_supported
 from .teardown import release_process_group
 
 logger = logging.get_logger(__name__)
@@ -63,10 +63,12 @@ class _AfterOptimizerStep(TrainerCallback):
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         self.trainer._set_sync_interval(train_dataloader)
-        # accelerate shards an FSDP2 policy only now: shard the EMA and reference like it
+        # accelerate shards (FSDP2) or partitions (ZeRO-3) the policy only now: do the same to the copies
         trainer = self.trainer
         policy = trainer.accelerator.unwrap_model(trainer.model)
-        trainer.ema, trainer.reference = shard_like_policy(policy, trainer.ema, trainer.reference)
+        trainer.ema, trainer.reference = distribute_like_policy(
+            policy, trainer.ema, trainer.reference, trainer.accelerator
+        )
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._after_optimizer_step(state.global_step)
@@ -132,8 +134,7 @@ class SAPOTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
 
         policy = self.accelerator.unwrap_model(self.model)
-        fsdp_plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-        check_supported(fsdp_plugin, is_deepspeed_zero3_enabled(), is_peft_model(policy))
+        check_supported(self.accelerator.state, is_peft_model(policy))
         rank = self.args.process_index
         self.eos_token_ids = eos_token_ids(policy, processing_class)
         self.buffer = ReplayBuffer(args.replay_buffer_size, seed=args.seed + rank)
@@ -147,8 +148,8 @@ class SAPOTrainer(Trainer):
             seed=args.seed + 104729 * (rank + 1),
             num_threads=args.generation_num_threads,
         )
-        # under FSDP the policy is still whole here: whole copies wait on the CPU to be sharded
-        device = "cpu" if self.is_fsdp_enabled else None
+        # under FSDP or ZeRO-3, whole copies wait on the CPU to be distributed when training starts
+        device = "cpu" if self.is_fsdp_enabled or is_deepspeed_zero3_enabled() else None
         self.ema, self.reference = build_ema_and_reference(policy, self.args, ref_model, device)
         self.ref_model_sync_steps = args.ref_model_sync_steps
         self._reference_version = 0  # bumped at every sync; cached reference log-probs carry it
@@ -326,7 +327,8 @@ class SAPOTrainer(Trainer):
         the previous ones untouched (older ones are rotated out only after the rename).
         """
         policy = self.accelerator.unwrap_model(self.model)
-        if not all(torch.isfinite(p).all() for p in policy.parameters()):
+        finite = torch.tensor([float(checkpoint.weights_finite(policy))], device=self.args.device)
+        if not self.accelerator.gather(finite).all():  # each rank checked its own slices (ZeRO-3)
             raise FloatingPointError(
                 f"non-finite weights at step {self.state.global_step}; no checkpoint written"
             )

@@ -1,0 +1,163 @@
+"""Run by tests/test_zero3.py under `torchrun --nproc_per_node 2` (CPU, gloo, DS_ACCELERATOR=cpu).
+
+    torchrun --nproc_per_node 2 tests/zero3_worker.py OUTPUT_DIR
+
+Partitions a tiny Llama policy with DeepSpeed ZeRO-3 (an engine with an optimizer, default
+persistence threshold), builds SAPO's partitioned EMA and reference for it, trains the policy
+one step and measures, on each rank: the EMA update against the formula on whole tensors, the
+collectives each operation issues, greedy generation from the partitioned EMA against a whole
+copy of the same weights, the reference sync and forward, the checkpoint round trip and the
+gathering of a policy partitioned at loading. Rank 0 writes `report.json`.
+"""
+
+import copy
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import transformers
+from transformers.integrations import HfDeepSpeedConfig
+from worker_checks import (
+    check_checkpoint,
+    check_generation,
+    check_reference,
+    collectives,
+    max_difference,
+    write_report,
+)
+
+from sapo.ema import EMAModel
+from sapo.reference import CopiedReference, build_ema_and_reference
+from sapo.tiny import char_tokenizer, tiny_llama
+from sapo.zero3 import ZeroEMA, ZeroReference, is_partitioned, partition_like_policy
+
+transformers.logging.set_verbosity_error()
+DECAY = 0.75
+ZERO = {"stage": 3}  # the policy's: tiny weights fall under the default persistence threshold
+
+
+def whole(model) -> dict[str, torch.Tensor]:
+    """Whole float32 weights of a partitioned model (collective)."""
+    tensors = {}
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            tensors[name] = param.detach().float().clone()
+    return tensors
+
+
+def is_whole(model) -> bool:
+    """Whether every weight is gathered right now (a released one has no elements)."""
+    return all(param.numel() == param.ds_numel for param in model.parameters())
+
+
+def train_step(engine, tokenizer, rank: int) -> None:
+    batch = torch.tensor([tokenizer.encode(["12+34=46", "7*8=56"][rank])] * 2)
+    loss = engine(input_ids=batch, labels=batch).loss
+    engine.backward(loss)
+    engine.step()
+
+
+def check_update(engine, ema, tokenizer, rank: int) -> dict:
+    """Two training steps, each followed by an EMA update, against the formula on whole tensors."""
+    expected = whole(ema.model)
+    pointers = [param.ds_tensor.data_ptr() for param in ema.model.parameters()]
+    counts = []
+    for _ in range(2):
+        train_step(engine, tokenizer, rank)
+        target = whole(engine.module)
+        counts.append(collectives(lambda: ema.update(engine.module)))
+        expected = {name: DECAY * expected[name] + (1 - DECAY) * target[name] for name in expected}
+    return {
+        "update_error": max_difference(whole(ema.model), expected),
+        "policy_moved": max_difference(target, ema.tensors_at_start),
+        "update_collectives": counts,
+        "update_in_place": pointers == [param.ds_tensor.data_ptr() for param in ema.model.parameters()],
+        "num_updates": ema.num_updates,
+    }
+
+
+def check_loaded_partitioned(tokenizer) -> dict:
+    """A policy partitioned at loading (zero.Init) gets partitioned copies built slice by slice;
+    whole copies (a policy that arrived whole) are handed over when training starts."""
+    source = tiny_llama(tokenizer, seed=3)
+    # what TrainingArguments(deepspeed=...) sets up: from_config/from_pretrained then use zero.Init
+    zero3_enabled = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": ZERO})
+    loaded = type(source)._from_config(source.config)
+    engine, *_ = deepspeed.initialize(
+        model=loaded, config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": ZERO}
+    )
+    with torch.no_grad():
+        for name, param in engine.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                param.copy_(source.get_parameter(name))
+    args = SimpleNamespace(
+        ema_decay=DECAY, loss_type="dpo", disable_dropout=True, ema_device=None, device=torch.device("cpu")
+    )
+    ema, reference = build_ema_and_reference(engine.module, args, device="cpu")
+    del zero3_enabled
+    expected = {name: param.detach() for name, param in source.named_parameters()}
+    whole_ema, whole_reference = EMAModel(source, DECAY), CopiedReference(copy.deepcopy(source), "cpu")
+    whole_ema.num_updates = 7
+    handed_ema, handed_reference = partition_like_policy(engine.module, whole_ema, whole_reference, ZERO)
+    return {
+        "partitioned_at_loading": is_partitioned(engine.module),
+        "copies": [type(ema).__name__, type(reference).__name__],
+        "copies_error": max(
+            max_difference(whole(ema.model), expected), max_difference(whole(reference.model), expected)
+        ),
+        "handover": [type(handed_ema).__name__, type(handed_reference).__name__],
+        "handover_error": max(
+            max_difference(whole(handed_ema.model), expected),
+            max_difference(whole(handed_reference.model), expected),
+        ),
+        "handover_updates": handed_ema.num_updates,
+        "already_partitioned_left_alone": partition_like_policy(engine.module, ema, reference, ZERO)
+        == (ema, reference),
+        "whole_policy_left_alone": partition_like_policy(source, whole_ema, whole_reference, ZERO)
+        == (whole_ema, whole_reference),
+    }
+
+
+def main():
+    directory = Path(sys.argv[1])
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    tokenizer = char_tokenizer()
+    start = tiny_llama(tokenizer, seed=0)
+    engine, *_ = deepspeed.initialize(
+        model=copy.deepcopy(start),
+        config={
+            "train_micro_batch_size_per_gpu": 2,
+            "zero_optimization": ZERO,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+        },
+    )
+    policy = engine.module
+    ema = ZeroEMA(copy.deepcopy(start), policy, DECAY, ZERO)
+    ema.tensors_at_start = whole(ema.model)
+    report = {
+        "initial_error": max_difference(ema.tensors_at_start, whole(policy)),
+        "ema_dtypes": sorted({str(param.ds_tensor.dtype) for param in ema.model.parameters()}),
+        "ema_partitioned": is_partitioned(ema.model),
+        "gather_collectives": collectives(lambda: ema.full_tensors(keep=False)),
+    }
+    report.update(check_update(engine, ema, tokenizer, rank))
+    report.update(check_generation(ema, tokenizer, rank, is_whole=is_whole))
+    reference = ZeroReference(tiny_llama(tokenizer, seed=9), policy, ZERO)
+    report.update(check_reference(reference, ema, tokenizer, whole))
+    fresh = (
+        ZeroEMA(tiny_llama(tokenizer, seed=7), policy, DECAY, ZERO),
+        ZeroReference(tiny_llama(tokenizer, seed=8), policy, ZERO),
+    )
+    report.update(check_checkpoint(ema, reference, fresh, whole, tokenizer, directory, rank))
+    report.update(check_loaded_partitioned(tokenizer))
+    write_report(report, directory, rank)
+
+
+if __name__ == "__main__":
+    main()
+    dist.destroy_process_group()
