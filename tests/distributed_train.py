@@ -1,11 +1,14 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node 2` (CPU, gloo).
 
-  torchrun --nproc_per_node 2 tests/distributed_train.py OUT STEPS [RESUME] [--lora] [--zero N [--zero-init]]
+    torchrun --nproc_per_node 2 tests/distributed_train.py OUT STEPS [RESUME] [OPTIONS]
 
-Trains SAPO-DPO on an addition task (with DDP, or DeepSpeed ZeRO-2/3 with `--zero`), saves
-checkpoints every 2 steps and, on rank 0, writes `report.json`: each rank's generation calls (rows
-per call), the logged metric names, a hash of the final (whole) weights and SAPO's EMA and
-reference classes.
+OPTIONS: `--lora` (a LoRA policy), `--zero 2|3` (DeepSpeed ZeRO, its CPU accelerator),
+`--zero-init` (the policy built partitioned, as `from_pretrained` does under ZeRO-3), `--fsdp2`
+(FSDP2 through Trainer + accelerate), `--bf16` (bfloat16 and gradient checkpointing).
+
+Trains SAPO-DPO on an addition task, saves checkpoints every 2 steps and, on rank 0, writes
+`report.json`: each rank's generation calls (rows per call), the logged metric names, a hash of
+the final (whole) weights, SAPO's EMA and reference classes and the EMA's dtype.
 """
 
 import hashlib
@@ -21,10 +24,29 @@ import torch.distributed as dist
 import transformers
 from datasets import Dataset
 from peft import LoraConfig
+from torch.distributed.tensor import DTensor
 
 from sapo import SAPOConfig, SAPOTrainer
 from sapo.tiny import char_tokenizer, tiny_llama
 from sapo.zero3 import is_partitioned
+
+
+def allow_fsdp_on_cpu() -> None:
+    """accelerate turns FSDP on only for accelerators (CPU processes stay MULTI_CPU); lift that one
+    check so that the Trainer + accelerate FSDP2 path runs here as it does on GPUs."""
+    import accelerate.state
+    from accelerate.utils import DistributedType
+
+    original = accelerate.state.AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    accelerate.state.AcceleratorState.__init__ = init
+
 
 transformers.logging.set_verbosity_error()
 datasets.disable_progress_bars()
@@ -33,6 +55,15 @@ resume = sys.argv[3] if len(sys.argv) > 3 and not sys.argv[3].startswith("--") e
 use_lora = "--lora" in sys.argv
 zero_stage = int(sys.argv[sys.argv.index("--zero") + 1]) if "--zero" in sys.argv else None
 deepspeed_config = None
+fsdp_config = None
+if "--fsdp2" in sys.argv:
+    fsdp_config = {
+        "fsdp_version": 2,
+        "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+        "reshard_after_forward": True,
+        "state_dict_type": "SHARDED_STATE_DICT",
+    }
+    allow_fsdp_on_cpu()
 if zero_stage is not None:
     deepspeed_config = {
         "train_micro_batch_size_per_gpu": "auto",
@@ -61,6 +92,10 @@ args = SAPOConfig(
     disable_tqdm=True,
     seed=0,
     deepspeed=deepspeed_config,
+    fsdp=fsdp_config is not None,
+    bf16="--bf16" in sys.argv,
+    gradient_checkpointing="--bf16" in sys.argv,
+    fsdp_config=fsdp_config,
 )
 model = tiny_llama(tokenizer, seed=0)
 if "--zero-init" in sys.argv:  # partitioned at construction, as from_pretrained after the config is
@@ -86,7 +121,8 @@ digest = hashlib.sha256()
 policy = trainer.accelerator.unwrap_model(trainer.model)
 for param in policy.parameters():
     with deepspeed.zero.GatheredParameters([param], enabled=zero_stage == 3):
-        digest.update(param.detach().cpu().numpy().tobytes())
+        whole = param.full_tensor() if isinstance(param, DTensor) else param  # FSDP2
+        digest.update(whole.detach().cpu().numpy().tobytes())
 gathered = [None] * dist.get_world_size()
 dist.all_gather_object(
     gathered,
@@ -96,6 +132,7 @@ dist.all_gather_object(
         "buffer": len(trainer.buffer),
         "copies": [type(trainer.ema).__name__, type(trainer.reference).__name__],
         "partitioned_at_start": partitioned_at_start,
+        "ema_dtype": str(next(iter(trainer.ema.tensors().values())).dtype),
     },
 )
 if trainer.args.process_index == 0:

@@ -74,13 +74,15 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(param, DTensor) for param in model.parameters())
 
 
-def fsdp_units(model: nn.Module) -> list[tuple[str, FSDPModule]]:
-    """The modules ``fully_shard`` was applied to, children before parents (the order to shard in)."""
-    return [
-        (name, module)
-        for name, module in reversed(list(model.named_modules()))
-        if isinstance(module, FSDPModule)
-    ]
+def fsdp_units(model: nn.Module) -> list[list[str]]:
+    """The modules ``fully_shard`` was applied to, by name, grouped as they were sharded together
+    (``fully_shard([norm, embed, lm_head])`` makes one unit of three modules, as accelerate does
+    for tied embeddings); units ordered children before parents (the order to shard in)."""
+    units: dict[int, list[str]] = {}
+    for name, module in reversed(list(model.named_modules())):
+        if isinstance(module, FSDPModule):
+            units.setdefault(id(fully_shard.state(module)), []).append(name)
+    return list(units.values())
 
 
 def _unsharded_class(model: nn.Module) -> type:
@@ -117,9 +119,12 @@ def sharded_copy(policy: nn.Module, dtype: torch.dtype, reshard_after_forward: b
         )
     with torch.device("meta"):
         model = _unsharded_class(policy)._from_config(copy.deepcopy(policy.config), dtype=dtype)
-    for name, _ in fsdp_units(policy):
+    for names in fsdp_units(policy):
+        modules = [model.get_submodule(name) for name in names]
         fully_shard(
-            model.get_submodule(name), mesh=any_param.device_mesh, reshard_after_forward=reshard_after_forward
+            modules if len(modules) > 1 else modules[0],
+            mesh=any_param.device_mesh,
+            reshard_after_forward=reshard_after_forward,
         )
     model.to_empty(device=any_param.device)
     if hasattr(policy, "generation_config"):
@@ -229,7 +234,8 @@ class ShardedEMA(_ShardedWeights):
         which keeps every rank decoding until the longest finishes, one all-reduce per token.
         With the weights whole no rank needs the others, and each stops at its own length.
         """
-        handles = [unit.unshard(async_op=True) for _, unit in fsdp_units(self.model)]
+        units = [self.model.get_submodule(names[0]) for names in fsdp_units(self.model)]
+        handles = [unit.unshard(async_op=True) for unit in units]
         for handle in handles:
             handle.wait()
         self.model.generate = functools.partial(type(self.model).generate, self.model, synced_gpus=False)

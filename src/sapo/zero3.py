@@ -23,6 +23,7 @@ a persistent whole copy would go stale.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 
 import torch
@@ -80,16 +81,26 @@ def copy_slices(source: dict[str, torch.Tensor], model: nn.Module) -> None:
         part.copy_(source[name])
 
 
-def empty_partitioned_like(policy: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A new model of ``policy``'s class, partitioned at construction (zero.Init, as transformers
-    builds it under a ZeRO-3 ``deepspeed`` config), in ``dtype``, holding ``policy``'s weights.
+def empty_partitioned_like(policy: nn.Module, dtype: torch.dtype, zero_config: dict) -> nn.Module:
+    """A new model of ``policy``'s class, partitioned at construction (zero.Init) in ``dtype``,
+    holding ``policy``'s weights: no rank ever holds a whole copy, each copies its own slices.
 
-    No rank ever holds a whole copy: each copies its own slices. Needs transformers' ZeRO-3 state
-    (``is_deepspeed_zero3_enabled()``), which a ``SAPOConfig`` with a ZeRO-3 config sets up.
+    Built as transformers builds a model under ZeRO-3 (no random init, RoPE tables left in
+    float32), but with SAPO's own zero.Init settings: the run's config would cast a float32 EMA
+    to the run's bfloat16.
     """
-    model = type(policy)._from_config(policy.config, dtype=dtype)
-    if not is_partitioned(model):
-        raise ValueError("transformers' ZeRO-3 state is not set up: the copy was not partitioned")
+    import deepspeed
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+
+    model_config = copy.deepcopy(policy.config)
+    model_config.dtype = dtype  # the class builds its weights in the config's dtype
+    # the dtype comes from the config: zero.Init's own ``dtype`` argument is not honoured on every
+    # accelerator (DeepSpeed's CPU accelerator turns float32 into bfloat16)
+    init = deepspeed.zero.Init(config_dict_or_path=_engine_config(zero_config, dtype))
+    with no_init_weights(), prevent_arange_dtype_change(), init:
+        model = type(policy)(model_config)
+    model.tie_weights()  # as transformers does after a ZeRO-3 construction
     if hasattr(policy, "generation_config"):
         model.generation_config = policy.generation_config
     with torch.no_grad():
@@ -124,8 +135,8 @@ def partitioned(model: nn.Module, zero_config: dict, dtype: torch.dtype):
     return engine
 
 
-def _check_aligned(copy: nn.Module, policy: nn.Module) -> None:
-    mine, theirs = _slices(copy), _slices(policy)
+def _check_aligned(model: nn.Module, policy: nn.Module) -> None:
+    mine, theirs = _slices(model), _slices(policy)
     if mine.keys() != theirs.keys():
         raise ValueError(f"models differ in parameters, e.g. {sorted(mine.keys() ^ theirs.keys())[:3]}")
     for name, part in mine.items():
@@ -238,11 +249,13 @@ def build_partitioned(policy: nn.Module, args, ref_model: nn.Module | None = Non
     if is_peft_model(policy):
         raise ValueError(PEFT_UNSUPPORTED)
     zero_config = (deepspeed_config() or {}).get("zero_optimization", {})
-    ema = ZeroEMA(empty_partitioned_like(policy, torch.float32), policy, args.ema_decay, zero_config)
+    ema = ZeroEMA(
+        empty_partitioned_like(policy, torch.float32, zero_config), policy, args.ema_decay, zero_config
+    )
     if args.loss_type != "dpo":
         return ema, None
     dtype = next(iter(_slices(policy).values())).dtype
-    model = ref_model if ref_model is not None else empty_partitioned_like(policy, dtype)
+    model = ref_model if ref_model is not None else empty_partitioned_like(policy, dtype, zero_config)
     return ema, ZeroReference(model, policy, zero_config, args.disable_dropout)
 
 
