@@ -43,6 +43,8 @@ def allow_fsdp_on_cpu() -> None:
         original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no":  # as accelerate does on accelerators
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
             self.fsdp_plugin = fsdp_plugin
 
     accelerate.state.AcceleratorState.__init__ = init
@@ -133,6 +135,10 @@ dist.all_gather_object(
         "copies": [type(trainer.ema).__name__, type(trainer.reference).__name__],
         "partitioned_at_start": partitioned_at_start,
         "ema_dtype": str(next(iter(trainer.ema.tensors().values())).dtype),
+        "first_margin": next(
+            (entry["rewards/margins"] for entry in trainer.state.log_history if "rewards/margins" in entry),
+            None,
+        ),
     },
 )
 if trainer.args.process_index == 0:

@@ -66,8 +66,8 @@ LAUNCHES = {
     "zero3": (["--zero", 3], ["ZeroEMA", "ZeroReference"]),
     # ZeRO-3, the policy arrives partitioned (zero.Init), bfloat16 and gradient checkpointing
     "zero3-init-bf16": (["--zero", 3, "--zero-init", "--bf16"], ["ZeroEMA", "ZeroReference"]),
-    # FSDP2 through Trainer + accelerate (accelerate's CPU check lifted in the worker)
-    "fsdp2": (["--fsdp2"], ["ShardedEMA", "ShardedReference"]),
+    # FSDP2 through Trainer + accelerate (accelerate's CPU check lifted in the worker), bfloat16
+    "fsdp2-bf16": (["--fsdp2", "--bf16"], ["ShardedEMA", "ShardedReference"]),
 }
 
 
@@ -80,6 +80,8 @@ def test_sharded_training_trains_checkpoints_and_resumes_identically(tmp_path, l
         assert rank["calls"] == [4, 4, 4, 4] and rank["copies"] == copies
         assert rank["partitioned_at_start"] == ("--zero-init" in options)
         assert rank["ema_dtype"] == "torch.float32"  # also when the policy trains in bfloat16
+    # at the first step the reference is the policy, computed in the same precision: no margin
+    assert report["ranks"][0]["first_margin"] == 0.0
     assert report["ranks"][0]["weights"] == report["ranks"][1]["weights"]
     assert {"rewards/margins", "sapo/buffer_size", "loss"} <= set(report["logged"])
     resumed = torchrun(output, 4, output / "checkpoint-2", *options)

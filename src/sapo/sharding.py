@@ -85,6 +85,22 @@ def fsdp_units(model: nn.Module) -> list[list[str]]:
     return list(units.values())
 
 
+def _unit_policies(unit: FSDPModule) -> dict:
+    """The mixed-precision and offload policies ``fully_shard`` gave the policy's ``unit``.
+
+    The copies compute as the policy does: a bfloat16 ``param_dtype`` gathers the float32 EMA in
+    bfloat16 for generation and runs the reference's forward in bfloat16, as the policy's.
+    """
+    state = fully_shard.state(unit)
+    policies = {}
+    if getattr(state, "_mp_policy", None) is not None:
+        policies["mp_policy"] = state._mp_policy
+    group = getattr(state, "_fsdp_param_group", None)
+    if group is not None:
+        policies["offload_policy"] = group.offload_policy
+    return policies
+
+
 def _unsharded_class(model: nn.Module) -> type:
     """FSDP2 gives a sharded module the class ``FSDP<Name>(FSDPModule, Name)``; this is ``Name``."""
     return next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
@@ -125,6 +141,7 @@ def sharded_copy(policy: nn.Module, dtype: torch.dtype, reshard_after_forward: b
             modules if len(modules) > 1 else modules[0],
             mesh=any_param.device_mesh,
             reshard_after_forward=reshard_after_forward,
+            **_unit_policies(policy.get_submodule(names[0])),
         )
     model.to_empty(device=any_param.device)
     if hasattr(policy, "generation_config"):
