@@ -71,6 +71,7 @@ if zero_stage is not None:
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "zero_optimization": {"stage": zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "bf16": {"enabled": "auto"},  # as real configs have it: Trainer fills in --bf16
     }
 
 rng = random.Random(0)
@@ -124,7 +125,9 @@ policy = trainer.accelerator.unwrap_model(trainer.model)
 for param in policy.parameters():
     with deepspeed.zero.GatheredParameters([param], enabled=zero_stage == 3):
         whole = param.full_tensor() if isinstance(param, DTensor) else param  # FSDP2
-        digest.update(whole.detach().cpu().numpy().tobytes())
+        digest.update(whole.detach().float().cpu().numpy().tobytes())
+with trainer.ema.sampling_model() as sampling_model:  # every rank: the weights may be gathered
+    sampling_dtype = str(next(sampling_model.parameters()).dtype)
 gathered = [None] * dist.get_world_size()
 dist.all_gather_object(
     gathered,
@@ -135,6 +138,7 @@ dist.all_gather_object(
         "copies": [type(trainer.ema).__name__, type(trainer.reference).__name__],
         "partitioned_at_start": partitioned_at_start,
         "ema_dtype": str(next(iter(trainer.ema.tensors().values())).dtype),
+        "sampling_dtype": sampling_dtype,
         "first_margin": next(
             (entry["rewards/margins"] for entry in trainer.state.log_history if "rewards/margins" in entry),
             None,

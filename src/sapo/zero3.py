@@ -187,7 +187,13 @@ class _PartitionedWeights:
 
 
 class ZeroEMA(_PartitionedWeights):
-    """Float32 moving average of a ZeRO-3 policy, partitioned like it; interface of :class:`EMAModel`."""
+    """Float32 moving average of a ZeRO-3 policy, partitioned like it; interface of :class:`EMAModel`.
+
+    For a policy in a lower precision (bfloat16), a second partitioned copy in that precision
+    follows the average (a local cast after each update) and is the one gathered for generation:
+    the gathered weights take half the memory and the segments are sampled in the policy's
+    precision, as its own forward computes.
+    """
 
     def __init__(self, model: nn.Module, policy: nn.Module, decay: float, zero_config: dict):
         if not 0.0 <= decay < 1.0:
@@ -195,6 +201,13 @@ class ZeroEMA(_PartitionedWeights):
         self.decay = decay
         self.engine = partitioned(model, zero_config, torch.float32)
         _check_aligned(self.model, policy)
+        self.sampler = None
+        policy_dtype = next(iter(_slices(policy).values())).dtype
+        if policy_dtype != torch.float32:
+            self.sampler = partitioned(
+                empty_partitioned_like(policy, policy_dtype, zero_config), zero_config, policy_dtype
+            )
+            copy_slices(self.tensors(), self.sampler.module)
         self.num_updates = 0
 
     @torch.no_grad()
@@ -203,7 +216,20 @@ class ZeroEMA(_PartitionedWeights):
         current = _slices(policy)
         for name, average in _slices(self.model).items():
             average.lerp_(current[name].to(device=average.device, dtype=torch.float32), 1.0 - self.decay)
+        self._sync_sampler()
         self.num_updates += 1
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().load_tensors(tensors)
+        self._sync_sampler()
+
+    def load_full_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().load_full_tensors(tensors)
+        self._sync_sampler()
+
+    def _sync_sampler(self) -> None:
+        if self.sampler is not None:
+            copy_slices(self.tensors(), self.sampler.module)
 
     @contextlib.contextmanager
     def sampling_model(self):
@@ -215,15 +241,16 @@ class ZeroEMA(_PartitionedWeights):
         """
         import deepspeed
 
-        model = self.model
+        engine = self.sampler or self.engine
+        model = engine.module
         with deepspeed.zero.GatheredParameters(list(model.parameters())):
-            remove_hooks(self.engine)
+            remove_hooks(engine)
             model.generate = functools.partial(type(model).generate, model, synced_gpus=False)
             try:
                 yield model
             finally:
                 del model.generate  # back to the class's method
-                add_hooks(self.engine)
+                add_hooks(engine)
 
 
 class ZeroReference(_PartitionedWeights):
