@@ -311,3 +311,16 @@ def test_help_lists_the_commands(capsys):
     usage = capsys.readouterr().out
     assert all(command in usage for command in ("train", "sft", "spin", "eval", "demo"))
     assert main([]) == 2
+
+
+def test_stdout_holds_only_the_commands_output_when_deepspeed_is_installed(tmp_path):
+    """accelerate imports DeepSpeed (a dev dependency), which announces its CPU fallback on stdout
+    unless told the accelerator; the CLI tells it on machines without one."""
+    pytest.importorskip("deepspeed")
+    env = {key: value for key, value in os.environ.items() if key != "DS_ACCELERATOR"}
+    command = [sys.executable, "-m", "sapo.cli", "train", "--model_name_or_path", "builtin:tiny"]
+    command += ["--dataset_name", "builtin:addition", "--max_steps", "1", "--report_to", "none"]
+    command += ["--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "accelerator" not in result.stdout.lower()

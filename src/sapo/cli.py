@@ -186,8 +186,23 @@ COMMANDS: dict[str, Callable[[Sequence[str]], Callable[[], None]]] = {
 }
 
 
+def _name_the_cpu_for_deepspeed() -> None:
+    """DeepSpeed, when installed, prints to stdout that it fell back to the CPU whenever accelerate
+    imports it; on a machine with no accelerator, name the CPU up front so that nothing lands
+    among the command's output (tables, JSON)."""
+    if "DS_ACCELERATOR" in os.environ:
+        return
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    available = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    if not available:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sapo`` console script; returns the exit status."""
+    _name_the_cpu_for_deepspeed()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [item for item in argv if item != "--debug"]
