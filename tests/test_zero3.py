@@ -73,3 +73,19 @@ def test_whole_copies_are_partitioned_when_training_starts(ranks):
         assert rank["handover"] == ["ZeroEMA", "ZeroReference"]
         assert rank["handover_error"] == 0.0 and rank["handover_updates"] == 7
         assert rank["whole_policy_left_alone"]
+
+
+def test_lora_adapters_are_partitioned_with_the_model(ranks):
+    for rank in ranks:
+        assert rank["lora_partitioned"] and rank["lora_sharded_flags"] == [True, True]
+        # the whole float32 average on every rank, written into the partitioned EMA adapter
+        assert rank["lora_shadow_error"] <= 1e-6 and rank["lora_update_error"] <= 1e-6
+        assert rank["lora_update_gathers"]  # the policy adapter (small) is gathered for the update
+        assert rank["lora_sync_error"] <= 1e-6 and rank["lora_reference_file"]
+
+
+def test_lora_generation_gathers_the_model_with_the_ema_adapter_active(ranks):
+    for rank in ranks:
+        whole_inside, active_inside, _ = rank["lora_generation"]
+        assert whole_inside and active_inside == "sapo_ema" and rank["lora_active_after"] == "default"
+    assert [rank["lora_generation"][2] for rank in ranks] == [6, 10]  # each rank its own length

@@ -19,16 +19,19 @@ import deepspeed
 import torch
 import torch.distributed as dist
 import transformers
+from peft import LoraConfig, get_peft_model
 from transformers.integrations import HfDeepSpeedConfig
 from worker_checks import (
     check_checkpoint,
     check_generation,
     check_reference,
     collectives,
+    generate,
     max_difference,
     write_report,
 )
 
+from sapo.adapters import EMA_ADAPTER, REFERENCE_ADAPTER, adapter_parameters
 from sapo.ema import EMAModel
 from sapo.reference import CopiedReference, build_ema_and_reference
 from sapo.tiny import char_tokenizer, tiny_llama
@@ -121,6 +124,63 @@ def check_loaded_partitioned(tokenizer) -> dict:
     }
 
 
+def check_lora(tokenizer, rank: int) -> dict:
+    """LoRA under ZeRO-3: the EMA and reference adapters partitioned with the model by the
+    training engine; the update, the reference sync and generation on gathered weights."""
+    torch.manual_seed(4)  # the same LoRA initialisation on every rank, as a seeded run has
+    peft_model = get_peft_model(
+        tiny_llama(tokenizer, seed=4), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    args = SimpleNamespace(ema_decay=DECAY, loss_type="dpo", ema_device=None, device=torch.device("cpu"))
+    ema, reference = build_ema_and_reference(peft_model, args)
+    engine, *_ = deepspeed.initialize(
+        model=peft_model,
+        model_parameters=[param for param in peft_model.parameters() if param.requires_grad],
+        config={
+            "train_micro_batch_size_per_gpu": 2,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+        },
+    )
+    partition_like_policy(peft_model, ema, reference, ZERO, engine)
+    policy = adapter_parameters(peft_model, "default")
+    adapter = adapter_parameters(peft_model, EMA_ADAPTER)
+
+    expected = {name: value.clone() for name, value in ema.shadow.items()}
+    train_step(engine, tokenizer, rank)
+    target = whole_params(policy)
+    update_collectives = collectives(ema.update)
+    expected = {name: DECAY * expected[name] + (1 - DECAY) * target[name] for name in expected}
+    reference.load_tensors(ema.tensors())
+    prompt = torch.tensor([tokenizer.encode(["12+34=", "7*8="][rank])])
+    with ema.sampling_model() as model:
+        whole_inside = all(param.numel() == param.ds_numel for param in model.parameters())
+        active_inside = model.active_adapter
+        tokens = generate(model, prompt, 6 + 4 * rank)
+    train_step(engine, tokenizer, rank)  # hooks are back: training goes on
+    return {
+        "lora_partitioned": all(hasattr(param, "ds_id") for param in adapter.values()),
+        "lora_sharded_flags": [ema.sharded, reference.sharded],
+        "lora_update_error": max_difference(whole_params(adapter), expected),
+        "lora_shadow_error": max_difference(ema.shadow, expected),
+        "lora_update_gathers": update_collectives > 0,  # adapters only: small
+        "lora_sync_error": max_difference(
+            whole_params(adapter_parameters(peft_model, REFERENCE_ADAPTER)), expected
+        ),
+        "lora_reference_file": sorted(reference.full_tensors()) == sorted(expected),
+        "lora_generation": [whole_inside, active_inside, len(tokens) - prompt.shape[1]],
+        "lora_active_after": peft_model.active_adapter,
+    }
+
+
+def whole_params(params: dict) -> dict:
+    tensors = {}
+    for name, param in params.items():
+        with deepspeed.zero.GatheredParameters([param]):
+            tensors[name] = param.detach().float().clone()
+    return tensors
+
+
 def main():
     directory = Path(sys.argv[1])
     deepspeed.init_distributed(dist_backend="gloo")
@@ -155,6 +215,7 @@ def main():
     )
     report.update(check_checkpoint(ema, reference, fresh, whole, tokenizer, directory, rank))
     report.update(check_loaded_partitioned(tokenizer))
+    report.update(check_lora(tokenizer, rank))
     write_report(report, directory, rank)
 
 

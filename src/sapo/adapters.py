@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 
 import torch
 from trl.trainer.utils import use_adapter
@@ -48,11 +49,35 @@ def add_frozen_copy(model, source_adapter: str, new_adapter: str) -> dict[str, t
     return params
 
 
+def _gathered(params, partitioned: bool, modifier_rank: int | None = None):
+    """Under ZeRO-3, the block sees ``params`` whole (and, with ``modifier_rank``, what that rank
+    writes into them is partitioned back); otherwise it does nothing."""
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
+
+
+@torch.no_grad()
+def _write(
+    tensors: dict[str, torch.Tensor], params: dict[str, torch.nn.Parameter], partitioned: bool
+) -> None:
+    """Copy whole ``tensors`` into adapter ``params``; every rank holds the same tensors."""
+    with _gathered(params.values(), partitioned, modifier_rank=0):
+        copy_weights(tensors, params)
+
+
 class AdapterEMA:
     """Moving average of the policy adapter, used for generation through the ``sapo_ema`` adapter.
 
     Same interface as :class:`sapo.ema.EMAModel`; the float32 average lives in ``shadow`` and is
     written into the adapter after each update (adapters may be stored in a lower precision).
+
+    Under DeepSpeed ZeRO-3 (:meth:`partitioned_by`) the adapters are partitioned with the rest of
+    the model. Adapters are small, so the average stays whole on every rank: an update gathers the
+    policy adapter only, and generation gathers the model once per call (TRL's
+    ``ds3_gather_for_generation``) with ZeRO-3's per-layer hooks off.
     """
 
     def __init__(self, model, policy_adapter: str, decay: float):
@@ -61,38 +86,57 @@ class AdapterEMA:
         self.model = model
         self.decay = decay
         self.num_updates = 0
+        self.engine = None  # the DeepSpeed engine once ZeRO-3 partitioned the model
         self._policy = adapter_parameters(model, policy_adapter)
         self._adapter = add_frozen_copy(model, policy_adapter, EMA_ADAPTER)
         self.shadow = {name: param.detach().float().clone() for name, param in self._policy.items()}
 
+    @property
+    def sharded(self) -> bool:
+        return self.engine is not None
+
+    def partitioned_by(self, engine) -> None:
+        """The model is now partitioned by this ZeRO-3 ``engine`` (the training one)."""
+        self.engine = engine
+
     @torch.no_grad()
     def update(self, policy: torch.nn.Module | None = None) -> None:
         """``ema = decay * ema + (1 - decay) * policy`` over the policy adapter's weights."""
-        for name, average in self.shadow.items():
-            average.lerp_(
-                self._policy[name].detach().to(device=average.device, dtype=torch.float32), 1.0 - self.decay
-            )
-        copy_weights(self.shadow, self._adapter)
+        with _gathered(self._policy.values(), self.sharded):
+            for name, average in self.shadow.items():
+                current = self._policy[name].detach().to(device=average.device, dtype=torch.float32)
+                average.lerp_(current, 1.0 - self.decay)
+        _write(self.shadow, self._adapter, self.sharded)
         self.num_updates += 1
 
     def sampling_model(self):
-        """The model with the EMA adapter active."""
-        return _activated(self.model, EMA_ADAPTER)
+        """The model with the EMA adapter active (gathered whole under ZeRO-3)."""
+        if not self.sharded:
+            return _activated(self.model, EMA_ADAPTER)
+        return _gathered_for_generation(self.engine, self.model)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return self.shadow
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         copy_weights(tensors, self.shadow)
-        copy_weights(self.shadow, self._adapter)
+        _write(self.shadow, self._adapter, self.sharded)
 
 
 class AdapterReference:
-    """The DPO reference as the ``sapo_reference`` adapter; starts as a copy of the policy adapter."""
+    """The DPO reference as the ``sapo_reference`` adapter; starts as a copy of the policy adapter.
+
+    Under ZeRO-3 its forward is an ordinary ZeRO-3 forward (collective: every rank scores at
+    every step, see :func:`sapo.reference.reference_logps`)."""
+
+    sharded = False
 
     def __init__(self, model, policy_adapter: str):
         self.model = model
         self._adapter = add_frozen_copy(model, policy_adapter, REFERENCE_ADAPTER)
+
+    def partitioned_by(self, engine) -> None:
+        self.sharded = True
 
     def scoring_model(self):
         """The model with the reference adapter active."""
@@ -101,8 +145,36 @@ class AdapterReference:
     def tensors(self) -> dict[str, torch.Tensor]:
         return dict(self._adapter)
 
+    def full_tensors(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """Whole weights on the CPU (under ZeRO-3 gathered one at a time; every rank calls this)."""
+        gathered = {}
+        for name, param in self._adapter.items():
+            with _gathered([param], self.sharded):
+                if keep:
+                    gathered[name] = param.detach().cpu().clone()
+        return gathered
+
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        copy_weights(tensors, self._adapter)
+        _write(tensors, self._adapter, self.sharded)
+
+    load_full_tensors = load_tensors
+
+
+@contextlib.contextmanager
+def _gathered_for_generation(engine, model):
+    """The whole model, gathered once, ZeRO-3's hooks off, the EMA adapter active; every rank
+    enters. ``generate`` runs with ``synced_gpus=False``: with the weights whole, each rank stops
+    at its own length."""
+    from trl.models.utils import add_hooks, remove_hooks
+
+    with _gathered(engine.module.parameters(), True), use_adapter(model, EMA_ADAPTER):
+        remove_hooks(engine)
+        model.generate = functools.partial(type(model).generate, model, synced_gpus=False)
+        try:
+            yield model
+        finally:
+            del model.generate  # back to the class's method
+            add_hooks(engine)
 
 
 @contextlib.contextmanager

@@ -48,8 +48,6 @@ def build_ema_and_reference(policy, args, ref_model=None, device=None):
     given, is where whole copies live: the CPU while accelerate has yet to shard the policy.
     For a policy that ZeRO-3 partitioned at loading both are partitioned like it (:mod:`sapo.zero3`).
     """
-    if is_partitioned(policy):
-        return build_partitioned(policy, args, ref_model)
     if is_sharded(policy):
         return build_sharded(policy, args, ref_model)
     if is_peft_model(policy):
@@ -59,6 +57,8 @@ def build_ema_and_reference(policy, args, ref_model=None, device=None):
         ema = AdapterEMA(policy, adapter, args.ema_decay)
         reference = AdapterReference(policy, adapter) if args.loss_type == "dpo" else None
         return ema, reference
+    if is_partitioned(policy):
+        return build_partitioned(policy, args, ref_model)
     ema = EMAModel(policy, args.ema_decay, device=device or args.ema_device or args.device)
     reference = None
     if args.loss_type == "dpo":
@@ -67,17 +67,18 @@ def build_ema_and_reference(policy, args, ref_model=None, device=None):
     return ema, reference
 
 
-def distribute_like_policy(policy, ema, reference, accelerator):
+def distribute_like_policy(policy, ema, reference, accelerator, wrapped=None):
     """Shard (FSDP2) or partition (ZeRO-3) whole EMA and reference copies like the policy.
 
     accelerate distributes the policy only when training starts, after SAPO built its copies
-    (and maybe loaded a checkpoint into them). Anything not distributed is returned as is.
+    (and maybe loaded a checkpoint into them). ``wrapped`` is the training model as prepared (the
+    DeepSpeed engine under ZeRO-3). Anything not distributed is returned as is.
     """
     ema, reference = shard_like_policy(policy, ema, reference)
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:
         zero_config = plugin.deepspeed_config.get("zero_optimization", {})
-        ema, reference = partition_like_policy(policy, ema, reference, zero_config)
+        ema, reference = partition_like_policy(policy, ema, reference, zero_config, wrapped)
     return ema, reference
 
 

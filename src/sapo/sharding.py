@@ -37,7 +37,7 @@ from .adapters import is_peft_model
 from .ema import zip_named
 
 logger = logging.get_logger(__name__)
-PEFT_UNSUPPORTED = "FSDP2 with a PEFT policy is not supported: use LoRA with DDP or DeepSpeed ZeRO-2"
+PEFT_UNSUPPORTED = "FSDP2 with a PEFT policy is not supported: use LoRA with DDP or DeepSpeed ZeRO-2/3"
 
 
 def check_supported(state, peft: bool) -> None:
@@ -53,12 +53,10 @@ def check_supported(state, peft: bool) -> None:
     if version == 1:
         raise ValueError(
             "FSDP1 is not supported: SAPO shards its EMA and reference under FSDP2 (fsdp_version: 2) "
-            "or DeepSpeed ZeRO-3; otherwise use DeepSpeed ZeRO-2 or DDP, with LoRA for large models"
+            "or DeepSpeed ZeRO-3; otherwise use DeepSpeed ZeRO-2 or DDP, or LoRA"
         )
     zero = {} if deepspeed_plugin is None else deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
     if zero.get("stage") == 3:
-        if peft:
-            raise ValueError(zero3.PEFT_UNSUPPORTED)
         zero3.check_supported(zero)
     if version == 2:
         if peft:

@@ -67,7 +67,7 @@ class _AfterOptimizerStep(TrainerCallback):
         trainer = self.trainer
         policy = trainer.accelerator.unwrap_model(trainer.model)
         trainer.ema, trainer.reference = distribute_like_policy(
-            policy, trainer.ema, trainer.reference, trainer.accelerator
+            policy, trainer.ema, trainer.reference, trainer.accelerator, trainer.model_wrapped
         )
 
     def on_step_end(self, args, state, control, **kwargs):

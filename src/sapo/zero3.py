@@ -35,7 +35,6 @@ from trl.trainer.utils import disable_dropout_in_model
 from .adapters import is_peft_model
 
 logger = logging.get_logger(__name__)
-PEFT_UNSUPPORTED = "DeepSpeed ZeRO-3 with a PEFT policy is not supported: use LoRA with DDP or ZeRO-2"
 
 
 def is_partitioned(model: nn.Module) -> bool:
@@ -273,8 +272,6 @@ def build_partitioned(policy: nn.Module, args, ref_model: nn.Module | None = Non
     built slice by slice: no whole copy. A ``ref_model`` given whole is partitioned as it is."""
     from transformers.integrations.deepspeed import deepspeed_config
 
-    if is_peft_model(policy):
-        raise ValueError(PEFT_UNSUPPORTED)
     zero_config = (deepspeed_config() or {}).get("zero_optimization", {})
     ema = ZeroEMA(
         empty_partitioned_like(policy, torch.float32, zero_config), policy, args.ema_decay, zero_config
@@ -286,17 +283,22 @@ def build_partitioned(policy: nn.Module, args, ref_model: nn.Module | None = Non
     return ema, ZeroReference(model, policy, zero_config, args.disable_dropout)
 
 
-def partition_like_policy(policy: nn.Module, ema, reference, zero_config: dict):
+def partition_like_policy(policy: nn.Module, ema, reference, zero_config: dict, engine=None):
     """Replace whole-model EMA and reference with ZeRO-3 partitioned ones holding the same weights.
 
     DeepSpeed partitions the policy when training starts, after SAPO built its whole copies (and
     maybe loaded a checkpoint into them); called then, this partitions those copies in place and
-    keeps the update count. Anything else (not partitioned, already partitioned) is returned as is.
+    keeps the update count. A PEFT policy's EMA and reference adapters were partitioned with it by
+    ``engine`` (the training one): they are told so. Anything else (not partitioned, already
+    partitioned) is returned as is.
     """
     if not is_partitioned(policy) or getattr(ema, "sharded", False):
         return ema, reference
-    if is_peft_model(policy):
-        raise ValueError(PEFT_UNSUPPORTED)
+    if is_peft_model(policy):  # the adapters were partitioned with the model: same objects
+        for state in (ema, reference):
+            if state is not None:
+                state.partitioned_by(engine)
+        return ema, reference
     partitioned_ema = ZeroEMA(ema.model, policy, ema.decay, zero_config)
     partitioned_ema.num_updates = ema.num_updates
     if reference is None:
