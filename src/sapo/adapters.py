@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 
 import torch
 from trl.trainer.utils import use_adapter
@@ -162,19 +161,11 @@ class AdapterReference:
 
 @contextlib.contextmanager
 def _gathered_for_generation(engine, model):
-    """The whole model, gathered once, ZeRO-3's hooks off, the EMA adapter active; every rank
-    enters. ``generate`` runs with ``synced_gpus=False``: with the weights whole, each rank stops
-    at its own length."""
-    from trl.models.utils import add_hooks, remove_hooks
+    """The whole model gathered once (ZeRO-3), with the EMA adapter active; every rank enters."""
+    from .zero3 import whole_for_generation
 
-    with _gathered(engine.module.parameters(), True), use_adapter(model, EMA_ADAPTER):
-        remove_hooks(engine)
-        model.generate = functools.partial(type(model).generate, model, synced_gpus=False)
-        try:
-            yield model
-        finally:
-            del model.generate  # back to the class's method
-            add_hooks(engine)
+    with use_adapter(model, EMA_ADAPTER), whole_for_generation(engine, model) as whole:
+        yield whole
 
 
 @contextlib.contextmanager

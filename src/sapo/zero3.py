@@ -230,26 +230,31 @@ class ZeroEMA(_PartitionedWeights):
         if self.sampler is not None:
             copy_slices(self.tensors(), self.sampler.module)
 
-    @contextlib.contextmanager
     def sampling_model(self):
-        """The EMA with whole weights: gathered once on entry, released on exit (all ranks enter).
+        """The EMA with whole weights: gathered once on entry, released on exit (all ranks enter)."""
+        return whole_for_generation(self.sampler or self.engine)
 
-        ZeRO-3's hooks would fetch and release each layer at every token; they are taken off for
-        the call. ``generate`` runs with ``synced_gpus=False`` (transformers turns it on under
-        ZeRO-3): with the weights whole no rank needs the others, and each stops at its own length.
-        """
-        import deepspeed
 
-        engine = self.sampler or self.engine
-        model = engine.module
-        with deepspeed.zero.GatheredParameters(list(model.parameters())):
-            remove_hooks(engine)
-            model.generate = functools.partial(type(model).generate, model, synced_gpus=False)
-            try:
-                yield model
-            finally:
-                del model.generate  # back to the class's method
-                add_hooks(engine)
+@contextlib.contextmanager
+def whole_for_generation(engine, model: nn.Module | None = None):
+    """``model`` (default: the engine's module) with every weight of ``engine`` gathered once.
+
+    ZeRO-3's hooks would fetch and release each layer at every token; they are taken off for the
+    call. ``generate`` runs with ``synced_gpus=False`` (transformers turns it on under ZeRO-3):
+    with the weights whole no rank needs the others, and each stops at its own length. Every
+    rank must enter.
+    """
+    import deepspeed
+
+    model = engine.module if model is None else model
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        remove_hooks(engine)
+        model.generate = functools.partial(type(model).generate, model, synced_gpus=False)
+        try:
+            yield model
+        finally:
+            del model.generate  # back to the class's method
+            add_hooks(engine)
 
 
 class ZeroReference(_PartitionedWeights):
