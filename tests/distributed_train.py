@@ -136,6 +136,9 @@ dist.all_gather_object(
         "weights": digest.hexdigest(),
         "buffer": len(trainer.buffer),
         "copies": [type(trainer.ema).__name__, type(trainer.reference).__name__],
+        "distributed_copies": [
+            getattr(state, "sharded", False) for state in (trainer.ema, trainer.reference)
+        ],
         "partitioned_at_start": partitioned_at_start,
         "ema_dtype": str(next(iter(trainer.ema.tensors().values())).dtype),
         "sampling_dtype": sampling_dtype,

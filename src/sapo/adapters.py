@@ -59,25 +59,72 @@ def _gathered(params, partitioned: bool, modifier_rank: int | None = None):
 
 
 @torch.no_grad()
-def _write(
-    tensors: dict[str, torch.Tensor], params: dict[str, torch.nn.Parameter], partitioned: bool
-) -> None:
-    """Copy whole ``tensors`` into adapter ``params``; every rank holds the same tensors."""
-    with _gathered(params.values(), partitioned, modifier_rank=0):
+def _whole(params: dict[str, torch.nn.Parameter], mode: str | None) -> dict[str, torch.Tensor]:
+    """Whole copies of adapter ``params``, gathered under ZeRO-3 or FSDP2 (every rank calls this)."""
+    if mode == "fsdp2":
+        return {name: param.detach().full_tensor() for name, param in params.items()}
+    with _gathered(params.values(), mode == "zero3"):
+        return {name: param.detach().clone() for name, param in params.items()}
+
+
+@torch.no_grad()
+def _write(tensors: dict[str, torch.Tensor], params: dict[str, torch.nn.Parameter], mode: str | None) -> None:
+    """Copy whole ``tensors`` into adapter ``params``; every rank holds the same tensors. Under
+    FSDP2 each rank keeps its shard (no collective); under ZeRO-3 rank 0's copy is partitioned."""
+    if mode == "fsdp2":
+        from torch.distributed.tensor import distribute_tensor
+
+        if tensors.keys() != params.keys():
+            raise ValueError(f"weights differ in names, e.g. {sorted(tensors.keys() ^ params.keys())[:3]}")
+        for name, param in params.items():
+            whole = tensors[name].to(device=param.device, dtype=param.dtype)
+            shard = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)
+            param.to_local().copy_(shard.to_local())
+        return
+    with _gathered(params.values(), mode == "zero3", modifier_rank=0):
         copy_weights(tensors, params)
 
 
-class AdapterEMA:
+class _AdapterWeights:
+    """Where an adapter's weights live: on every rank whole (``mode`` None), or partitioned with
+    the model by DeepSpeed ZeRO-3 (``"zero3"``), or sharded by FSDP2 (``"fsdp2"``)."""
+
+    mode: str | None = None
+    engine = None  # the training DeepSpeed engine under ZeRO-3
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model's forward is collective (every rank must score at every step)."""
+        return self.mode is not None
+
+    def partitioned_by(self, engine) -> None:
+        """DeepSpeed ZeRO-3 (the training ``engine``) partitioned the model, adapters included:
+        the parameter objects stay the same."""
+        self.mode, self.engine = "zero3", engine
+
+    def sharded_by_fsdp2(self) -> None:
+        """FSDP2 sharded the model, adapters included, and replaced its parameters: read them again."""
+        self.mode = "fsdp2"
+        self._rebind()
+
+    def _rebind(self) -> None:
+        self._adapter = adapter_parameters(self.model, self.adapter_name)
+
+
+class AdapterEMA(_AdapterWeights):
     """Moving average of the policy adapter, used for generation through the ``sapo_ema`` adapter.
 
     Same interface as :class:`sapo.ema.EMAModel`; the float32 average lives in ``shadow`` and is
     written into the adapter after each update (adapters may be stored in a lower precision).
 
-    Under DeepSpeed ZeRO-3 (:meth:`partitioned_by`) the adapters are partitioned with the rest of
-    the model. Adapters are small, so the average stays whole on every rank: an update gathers the
-    policy adapter only, and generation gathers the model once per call (TRL's
-    ``ds3_gather_for_generation``) with ZeRO-3's per-layer hooks off.
+    Under ZeRO-3 or FSDP2 the adapters are partitioned or sharded with the rest of the model.
+    Adapters are small, so the average stays whole on every rank: an update gathers the policy
+    adapter only. Under ZeRO-3 generation gathers the model once per call (TRL's
+    ``ds3_gather_for_generation``) with ZeRO-3's hooks off; under FSDP2 it is an ordinary FSDP2
+    forward per token, every rank decoding until the longest row ends (as TRL generates there).
     """
+
+    adapter_name = EMA_ADAPTER
 
     def __init__(self, model, policy_adapter: str, decay: float):
         if not 0.0 <= decay < 1.0:
@@ -85,57 +132,51 @@ class AdapterEMA:
         self.model = model
         self.decay = decay
         self.num_updates = 0
-        self.engine = None  # the DeepSpeed engine once ZeRO-3 partitioned the model
+        self.policy_adapter = policy_adapter
         self._policy = adapter_parameters(model, policy_adapter)
         self._adapter = add_frozen_copy(model, policy_adapter, EMA_ADAPTER)
         self.shadow = {name: param.detach().float().clone() for name, param in self._policy.items()}
 
-    @property
-    def sharded(self) -> bool:
-        return self.engine is not None
-
-    def partitioned_by(self, engine) -> None:
-        """The model is now partitioned by this ZeRO-3 ``engine`` (the training one)."""
-        self.engine = engine
+    def _rebind(self) -> None:
+        super()._rebind()
+        self._policy = adapter_parameters(self.model, self.policy_adapter)
 
     @torch.no_grad()
     def update(self, policy: torch.nn.Module | None = None) -> None:
         """``ema = decay * ema + (1 - decay) * policy`` over the policy adapter's weights."""
-        with _gathered(self._policy.values(), self.sharded):
-            for name, average in self.shadow.items():
-                current = self._policy[name].detach().to(device=average.device, dtype=torch.float32)
-                average.lerp_(current, 1.0 - self.decay)
-        _write(self.shadow, self._adapter, self.sharded)
+        current = _whole(self._policy, self.mode) if self.sharded else self._policy
+        for name, average in self.shadow.items():
+            average.lerp_(
+                current[name].detach().to(device=average.device, dtype=torch.float32), 1.0 - self.decay
+            )
+        _write(self.shadow, self._adapter, self.mode)
         self.num_updates += 1
 
     def sampling_model(self):
         """The model with the EMA adapter active (gathered whole under ZeRO-3)."""
-        if not self.sharded:
-            return _activated(self.model, EMA_ADAPTER)
-        return _gathered_for_generation(self.engine, self.model)
+        if self.mode == "zero3":
+            return _gathered_for_generation(self.engine, self.model)
+        return _activated(self.model, EMA_ADAPTER)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return self.shadow
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         copy_weights(tensors, self.shadow)
-        _write(self.shadow, self._adapter, self.sharded)
+        _write(self.shadow, self._adapter, self.mode)
 
 
-class AdapterReference:
+class AdapterReference(_AdapterWeights):
     """The DPO reference as the ``sapo_reference`` adapter; starts as a copy of the policy adapter.
 
-    Under ZeRO-3 its forward is an ordinary ZeRO-3 forward (collective: every rank scores at
-    every step, see :func:`sapo.reference.reference_logps`)."""
+    Under ZeRO-3 or FSDP2 its forward is collective: every rank scores at every step (see
+    :func:`sapo.reference.reference_logps`)."""
 
-    sharded = False
+    adapter_name = REFERENCE_ADAPTER
 
     def __init__(self, model, policy_adapter: str):
         self.model = model
         self._adapter = add_frozen_copy(model, policy_adapter, REFERENCE_ADAPTER)
-
-    def partitioned_by(self, engine) -> None:
-        self.sharded = True
 
     def scoring_model(self):
         """The model with the reference adapter active."""
@@ -145,16 +186,12 @@ class AdapterReference:
         return dict(self._adapter)
 
     def full_tensors(self, keep: bool = True) -> dict[str, torch.Tensor]:
-        """Whole weights on the CPU (under ZeRO-3 gathered one at a time; every rank calls this)."""
-        gathered = {}
-        for name, param in self._adapter.items():
-            with _gathered([param], self.sharded):
-                if keep:
-                    gathered[name] = param.detach().cpu().clone()
-        return gathered
+        """Whole weights on the CPU (gathered when distributed; every rank calls this)."""
+        gathered = {name: tensor.cpu() for name, tensor in _whole(self._adapter, self.mode).items()}
+        return gathered if keep else {}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        _write(tensors, self._adapter, self.sharded)
+        _write(tensors, self._adapter, self.mode)
 
     load_full_tensors = load_tensors
 

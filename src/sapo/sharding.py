@@ -37,7 +37,10 @@ from .adapters import is_peft_model
 from .ema import zip_named
 
 logger = logging.get_logger(__name__)
-PEFT_UNSUPPORTED = "FSDP2 with a PEFT policy is not supported: use LoRA with DDP or DeepSpeed ZeRO-2/3"
+PEFT_UNSUPPORTED = (
+    "a PEFT policy sharded before SAPOTrainer is not supported: let accelerate shard it (FSDP2), "
+    "so that SAPO's EMA and reference adapters are sharded with it"
+)
 
 
 def check_supported(state, peft: bool) -> None:
@@ -59,8 +62,6 @@ def check_supported(state, peft: bool) -> None:
     if zero.get("stage") == 3:
         zero3.check_supported(zero)
     if version == 2:
-        if peft:
-            raise ValueError(PEFT_UNSUPPORTED)
         logger.warning_once(
             "FSDP2: SAPO's sharded EMA and reference are tested on CPU processes (torchrun, gloo) "
             "only; the Trainer + accelerate FSDP2 path has not been run on GPUs"
@@ -310,12 +311,16 @@ def shard_like_policy(policy: nn.Module, ema, reference):
 
     accelerate shards the policy only when training starts, after SAPO built its copies (and
     maybe loaded a checkpoint into them); called then, this hands over the weights and the
-    update count. Anything else (not sharded, already sharded) is returned unchanged.
+    update count. A PEFT policy's EMA and reference adapters were sharded with it: they are told
+    so. Anything else (not sharded, already sharded) is returned unchanged.
     """
     if not is_sharded(policy) or getattr(ema, "sharded", False):
         return ema, reference
-    if is_peft_model(policy):
-        raise ValueError(PEFT_UNSUPPORTED)
+    if is_peft_model(policy):  # the adapters were sharded with the model
+        for state in (ema, reference):
+            if state is not None:
+                state.sharded_by_fsdp2()
+        return ema, reference
     sharded_ema = ShardedEMA(policy, ema.decay)
     sharded_ema.load_full_tensors(ema.tensors())
     sharded_ema.num_updates = ema.num_updates
