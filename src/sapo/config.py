@@ -73,7 +73,8 @@ class SAPOConfig(TrainingArguments):
             Update the EMA model every this many optimizer steps.
         ema_device (`str`, *optional*):
             Device of the float32 EMA model; defaults to the policy's. `"cpu"` keeps it off the
-            accelerator for large models (generation then runs on the CPU).
+            accelerator for large models (generation then runs on the CPU). Does not apply under
+            FSDP2 or DeepSpeed ZeRO-3, where the EMA is sharded like the policy, nor with LoRA.
         replay_buffer_size (`int`, *optional*, defaults to `2000`):
             Capacity of the per-device FIFO replay buffer (paper: 2000). Must hold at least one
             batch.
