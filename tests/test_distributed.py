@@ -62,8 +62,8 @@ def test_two_processes_lora_adapter_loads(tmp_path):
 LAUNCHES = {
     # LoRA with ZeRO-2: weights replicated, EMA and reference as adapters
     "zero2-lora": (["--lora", "--zero", 2], ["AdapterEMA", "AdapterReference"]),
-    # LoRA with ZeRO-3: the three adapters partitioned with the model
-    "zero3-lora": (["--lora", "--zero", 3], ["AdapterEMA", "AdapterReference"]),
+    # LoRA with ZeRO-3: the three adapters partitioned with the model; bfloat16, checkpointing
+    "zero3-lora-bf16": (["--lora", "--zero", 3, "--bf16"], ["AdapterEMA", "AdapterReference"]),
     # LoRA with FSDP2: the three adapters sharded with the model
     "fsdp2-lora": (["--lora", "--fsdp2"], ["AdapterEMA", "AdapterReference"]),
     # ZeRO-3, the policy arrives whole: partitioned copies when training starts
