@@ -76,3 +76,31 @@ def test_greedy_answers_are_the_models_argmax(tmp_path, tokenizer):
 def test_spin_config_rejects_bad_values(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         spin_args(tmp_path, **{field: value})
+
+
+@pytest.mark.parametrize("mix", [True, False])
+def test_later_iterations_mix_in_the_previous_iterations_pairs(
+    tmp_path, tokenizer, addition_dataset, monkeypatch, mix
+):
+    import sapo.spin
+
+    answers, datasets = [], []
+    generate = sapo.spin.generate_answers
+    monkeypatch.setattr(
+        sapo.spin, "generate_answers", lambda *a, **k: answers.append(generate(*a, **k)) or answers[-1]
+    )
+
+    class RecordingTrainer(sapo.spin.PairTrainer):
+        def __init__(self, model, args, pairs, *rest, **kwargs):
+            datasets.append(pairs)
+            super().__init__(model, args, pairs, *rest, **kwargs)
+
+    monkeypatch.setattr(sapo.spin, "PairTrainer", RecordingTrainer)
+    args = spin_args(tmp_path, spin_iterations=3, max_steps=1, mix_previous_iteration=mix)
+    _, histories = run_spin(tiny_llama(tokenizer, seed=0), args, addition_dataset, tokenizer)
+    count = len(addition_dataset)
+    assert [history[0]["spin/pairs"] for history in histories] == [count, *[2 * count if mix else count] * 2]
+    for iteration in (1, 2):  # the previous iteration's answers are rejected answers here
+        rejected = datasets[iteration]["rejected_ids"]
+        assert rejected[:count] == answers[iteration]
+        assert (rejected[count:] == answers[iteration - 1]) if mix else len(rejected) == count

@@ -3,6 +3,7 @@
 Each iteration, the current model answers every prompt of the dataset (one batched ``generate``
 call per batch of prompts, greedy by default), then trains with DPO on gold (chosen) against its
 own answers (rejected), the reference being the model as it was at the start of the iteration.
+From the second iteration on, the previous iteration's pairs are mixed in (SPIN's recipe).
 The pieces are sapo's own: data preparation, batched generation, the pair collator, the cached
 reference log-probs and the DPO objective.
 """
@@ -50,6 +51,10 @@ class SPINConfig(TrainingArguments):
             Rows with a longer prompt are dropped, with one warning that counts them.
         disable_dropout (`bool`, *optional*, defaults to `True`):
             Whether to disable dropout in the policy.
+        mix_previous_iteration (`bool`, *optional*, defaults to `True`):
+            From the second iteration on, train on the previous iteration's pairs as well as the
+            new ones (gold against the previous model's answers), as SPIN's recipe does; the
+            iteration's dataset then holds twice as many pairs.
 
     > [!NOTE]
     > Defaults that differ from [`~transformers.TrainingArguments`]: `logging_steps=10`,
@@ -66,6 +71,9 @@ class SPINConfig(TrainingArguments):
     max_prompt_length: int | None = field(default=1792, metadata={"help": "Most prompt tokens."})
     disable_dropout: bool = field(
         default=True, metadata={"help": "Whether to disable dropout in the policy."}
+    )
+    mix_previous_iteration: bool = field(
+        default=True, metadata={"help": "Also train on the previous iteration's pairs (SPIN's recipe)."}
     )
     model_init_kwargs: dict | None = field(default=None, metadata={"help": "Arguments to load a model id."})
     logging_steps: float = field(default=10, metadata={"help": "Log every this many optimizer steps."})
@@ -145,12 +153,14 @@ def run_spin(model, args: SPINConfig, train_dataset: Dataset, processing_class=N
     """Run ``args.spin_iterations`` SPIN iterations; returns the final model and each iteration's log.
 
     Each iteration's log is Trainer's ``log_history`` after one first entry that records the cost
-    of that iteration's generation: ``spin/generated_tokens`` and ``spin/generation_seconds``.
+    of that iteration's generation (``spin/generated_tokens``, ``spin/generation_seconds``) and the
+    number of pairs it trains on (``spin/pairs``: the previous iteration's are mixed in).
     """
     model, tokenizer = prepare_policy(model, args, processing_class)
     data = prepare_dataset(train_dataset, tokenizer, args.max_length, args.max_prompt_length)
     rows = list(zip(data[PROMPT_IDS], data[GOLD_IDS]))
     histories = []
+    previous: list[dict] = []  # the last iteration's pairs, mixed into the next one
     for iteration in range(args.spin_iterations):
         started = time.perf_counter()
         answers = generate_answers(model, rows, tokenizer, args, seed=args.seed + iteration)
@@ -159,9 +169,10 @@ def run_spin(model, args: SPINConfig, train_dataset: Dataset, processing_class=N
             "spin/generated_tokens": sum(len(answer) for answer in answers),
             "spin/generation_seconds": time.perf_counter() - started,
         }
-        pairs = Dataset.from_list(
-            [{"prompt_ids": p, "chosen_ids": g, "rejected_ids": a} for (p, g), a in zip(rows, answers)]
-        )
+        current = [{"prompt_ids": p, "chosen_ids": g, "rejected_ids": a} for (p, g), a in zip(rows, answers)]
+        generation["spin/pairs"] = len(current) + len(previous)
+        pairs = Dataset.from_list(current + previous)
+        previous = current if args.mix_previous_iteration else []
         reference = CopiedReference(copy.deepcopy(model), args.device, args.disable_dropout)
         iteration_args = copy.deepcopy(args)
         iteration_args.output_dir = os.path.join(args.output_dir, f"iteration-{iteration + 1}")
