@@ -173,9 +173,11 @@ def dataset_fingerprint(dataset) -> str:
     return digest.hexdigest()[:16]
 
 
-def weights_finite(model: torch.nn.Module) -> bool:
-    """Whether this rank's weights are all finite (under ZeRO-3: its slices of them)."""
-    return all(torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in model.parameters())
+def weights_finite(model: torch.nn.Module, accelerator) -> bool:
+    """Whether the weights are finite on every rank; each checks its own (under ZeRO-3 its slices)
+    and every rank must call this."""
+    local = all(torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in model.parameters())
+    return bool(accelerator.gather(torch.tensor([float(local)], device=accelerator.device)).all())
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

@@ -327,8 +327,7 @@ class SAPOTrainer(Trainer):
         the previous ones untouched (older ones are rotated out only after the rename).
         """
         policy = self.accelerator.unwrap_model(self.model)
-        finite = torch.tensor([float(checkpoint.weights_finite(policy))], device=self.args.device)
-        if not self.accelerator.gather(finite).all():  # each rank checked its own slices (ZeRO-3)
+        if not checkpoint.weights_finite(policy, self.accelerator):
             raise FloatingPointError(
                 f"non-finite weights at step {self.state.global_step}; no checkpoint written"
             )
