@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import addition_rows
 from datasets import Dataset
+from transformers import TrainerCallback
 
 from sapo import SAPOConfig, SAPOTrainer
 from sapo.buffer import ReplayBuffer
@@ -166,6 +167,21 @@ def test_non_finite_loss_stops_at_its_step_without_a_checkpoint(tmp_path, tokeni
     checkpoints = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-1", "checkpoint-2"]
     assert all(is_complete(tmp_path / name) for name in checkpoints)
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path, tokenizer):
+    trainer = make_trainer(tokenizer, tmp_path, save_steps=1, gradient_accumulation_steps=1)
+
+    class PoisonAfterStep2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:  # after the step's loss, before its checkpoint
+                with torch.no_grad():
+                    next(trainer.model.parameters()).fill_(float("inf"))
+
+    trainer.add_callback(PoisonAfterStep2())
+    with pytest.raises(FloatingPointError, match="non-finite weights at step 2; no checkpoint written"):
+        trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]
 
 
 def test_buffer_tensor_round_trip():
