@@ -190,3 +190,12 @@ def test_fp32_shadow_keeps_moving_where_bf16_would_stall():
 def test_device_argument_places_the_shadow(tok):
     ema = EMAModel(tiny_llama(tok, seed=0), decay=0.5, device="cpu")
     assert all(p.device.type == "cpu" for p in ema.model.parameters())
+
+
+def test_copy_weights_refuses_a_tensor_of_another_shape():
+    from sapo.ema import copy_weights
+
+    target = {"w": torch.zeros(2, 3)}
+    with pytest.raises(ValueError, match=r"w: a tensor of shape \(3,\), expected \(2, 3\)"):
+        copy_weights({"w": torch.ones(3)}, target)  # would broadcast silently with copy_
+    assert torch.equal(target["w"], torch.zeros(2, 3))

@@ -63,7 +63,7 @@ def train_step(engine, tokenizer, rank: int) -> None:
     engine.step()
 
 
-def check_update(engine, ema, tokenizer, rank: int) -> dict:
+def check_update(engine, ema, tokenizer, rank: int, start: dict) -> dict:
     """Two training steps, each followed by an EMA update, against the formula on whole tensors."""
     expected = whole(ema.model)
     pointers = [param.ds_tensor.data_ptr() for param in ema.model.parameters()]
@@ -75,7 +75,7 @@ def check_update(engine, ema, tokenizer, rank: int) -> dict:
         expected = {name: DECAY * expected[name] + (1 - DECAY) * target[name] for name in expected}
     return {
         "update_error": max_difference(whole(ema.model), expected),
-        "policy_moved": max_difference(target, ema.tensors_at_start),
+        "policy_moved": max_difference(target, start),
         "update_collectives": counts,
         "update_in_place": pointers == [param.ds_tensor.data_ptr() for param in ema.model.parameters()],
         "num_updates": ema.num_updates,
@@ -198,14 +198,14 @@ def main():
     )
     policy = engine.module
     ema = ZeroEMA(copy.deepcopy(start), policy, DECAY, ZERO)
-    ema.tensors_at_start = whole(ema.model)
+    start_weights = whole(ema.model)
     report = {
-        "initial_error": max_difference(ema.tensors_at_start, whole(policy)),
+        "initial_error": max_difference(start_weights, whole(policy)),
         "ema_dtypes": sorted({str(param.ds_tensor.dtype) for param in ema.model.parameters()}),
         "ema_partitioned": is_partitioned(ema.model),
         "gather_collectives": collectives(lambda: ema.full_tensors(keep=False)),
     }
-    report.update(check_update(engine, ema, tokenizer, rank))
+    report.update(check_update(engine, ema, tokenizer, rank, start_weights))
     report.update(check_generation(ema, tokenizer, rank, is_whole=is_whole))
     reference = ZeroReference(tiny_llama(tokenizer, seed=9), policy, ZERO)
     report.update(check_reference(reference, ema, tokenizer, whole))

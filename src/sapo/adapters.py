@@ -74,12 +74,17 @@ def _write(tensors: dict[str, torch.Tensor], params: dict[str, torch.nn.Paramete
     if mode == "fsdp2":
         from torch.distributed.tensor import distribute_tensor
 
-        if tensors.keys() != params.keys():
-            raise ValueError(f"weights differ in names, e.g. {sorted(tensors.keys() ^ params.keys())[:3]}")
-        for name, param in params.items():
-            whole = tensors[name].to(device=param.device, dtype=param.dtype)
-            shard = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)
-            param.to_local().copy_(shard.to_local())
+        shards = {
+            name: distribute_tensor(
+                tensors[name].to(device=param.device, dtype=param.dtype),
+                param.device_mesh,
+                param.placements,
+                src_data_rank=None,
+            ).to_local()
+            for name, param in params.items()
+            if name in tensors
+        }
+        copy_weights(shards, {name: param.to_local() for name, param in params.items()})
         return
     with _gathered(params.values(), mode == "zero3", modifier_rank=0):
         copy_weights(tensors, params)

@@ -83,9 +83,13 @@ def zip_named(source: nn.Module, target: nn.Module):
 
 @torch.no_grad()
 def copy_weights(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> None:
-    """Copy tensors into same-named parameters, casting to their dtype and device."""
+    """Copy tensors into same-named, same-shaped tensors (parameters, or this rank's shards or
+    slices of them), casting to their dtype and device."""
     if source.keys() != target.keys():
         differing = sorted(source.keys() ^ target.keys())[:3]
         raise ValueError(f"weights differ in names, e.g. {differing}")
     for name, param in target.items():
+        if source[name].shape != param.shape:
+            got, expected = tuple(source[name].shape), tuple(param.shape)
+            raise ValueError(f"{name}: a tensor of shape {got}, expected {expected}")
         param.copy_(source[name].to(device=param.device, dtype=param.dtype))

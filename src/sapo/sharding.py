@@ -34,7 +34,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from . import zero3
 from .adapters import is_peft_model
-from .ema import zip_named
+from .ema import copy_weights, zip_named
 
 logger = logging.get_logger(__name__)
 PEFT_UNSUPPORTED = (
@@ -155,16 +155,7 @@ def sharded_copy(policy: nn.Module, dtype: torch.dtype, reshard_after_forward: b
 @torch.no_grad()
 def copy_local_shards(source: dict[str, torch.Tensor], model: nn.Module) -> None:
     """Copy this rank's shards into ``model``'s same-named DTensor parameters (cast to their dtype)."""
-    params = _sharded_params(model)
-    if source.keys() != params.keys():
-        raise ValueError(f"weights differ in names, e.g. {sorted(source.keys() ^ params.keys())[:3]}")
-    for name, param in params.items():
-        local = param.to_local()
-        if source[name].shape != local.shape:
-            raise ValueError(
-                f"{name}: shard of shape {tuple(source[name].shape)}, expected {tuple(local.shape)}"
-            )
-        local.copy_(source[name])
+    copy_weights(source, {name: param.to_local() for name, param in _sharded_params(model).items()})
 
 
 @torch.no_grad()

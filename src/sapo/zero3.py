@@ -33,6 +33,7 @@ from trl.models.utils import add_hooks, remove_hooks
 from trl.trainer.utils import disable_dropout_in_model
 
 from .adapters import is_peft_model
+from .ema import copy_weights
 
 logger = logging.get_logger(__name__)
 
@@ -70,14 +71,7 @@ def _slices(model: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def copy_slices(source: dict[str, torch.Tensor], model: nn.Module) -> None:
     """Copy this rank's slices into ``model``'s same-named partitions (cast to their dtype)."""
-    target = _slices(model)
-    if source.keys() != target.keys():
-        raise ValueError(f"weights differ in names, e.g. {sorted(source.keys() ^ target.keys())[:3]}")
-    for name, part in target.items():
-        if source[name].shape != part.shape:
-            got, expected = tuple(source[name].shape), tuple(part.shape)
-            raise ValueError(f"{name}: slice of shape {got}, expected {expected}")
-        part.copy_(source[name])
+    copy_weights(source, _slices(model))
 
 
 def empty_partitioned_like(policy: nn.Module, dtype: torch.dtype, zero_config: dict) -> nn.Module:
