@@ -5,13 +5,17 @@ One call samples up to ``--segment-length`` tokens for each of ``--batch-size`` 
 through ``SegmentGenerator.generate`` with a stop id the model never samples, so every call runs to
 the full length. Variants, interleaved over ``--repeats`` calls each, median wall-clock:
 
-- ``sample``: what the trainer does (dynamic KV cache, temperature/top-k/top-p processors);
-- ``static_cache``: ``cache_implementation="static"``;
-- ``greedy``: no sampling processors at all (what they cost);
+- ``sample``: what the trainer does, SAPO's sampling loop (``sapo.decoding``: dynamic KV cache,
+  masks prepared once, transformers' temperature/top-k/top-p warpers);
+- ``generate``: transformers' ``generate`` with the same settings (``backend="transformers"``);
+- ``static_cache``: ``generate`` with ``cache_implementation="static"``;
+- ``greedy``: SAPO's loop with top-k 1 (what sampling costs over the argmax);
 - ``one_thread``: ``SegmentGenerator(num_threads=1)``;
-- ``static_compiled`` (``--compile``): static cache and ``torch.compile`` of the forward (transformers
-  does this by itself on GPUs; on CPU it has to be asked for). Its first call, the compilation, is
-  reported on its own.
+- ``static_compiled`` (``--compile``): ``generate`` with a static cache and ``torch.compile`` of the
+  forward (transformers does this by itself on GPUs; on CPU it has to be asked for). Its first
+  call, the compilation, is reported on its own.
+
+The two backends draw the same tokens for the same seed (``tests/test_decoding.py``).
 
     python benchmarks/generation_time.py --threads 1
 """
@@ -61,9 +65,11 @@ def variants(tokenizer, compile_forward: bool) -> dict[str, SegmentGenerator]:
     # a stop id the model never samples (a role marker), so that every call runs to full length
     never = tokenizer.convert_tokens_to_ids("<|system|>")
     base = SegmentGenerator(pad_token_id=tokenizer.pad_token_id, eos_token_ids=[never])
+    generate = dataclasses.replace(base, backend="transformers")
     found = {
         "sample": base,
-        "static_cache": with_generation_options(dataclasses.replace(base), cache_implementation="static"),
+        "generate": generate,
+        "static_cache": with_generation_options(dataclasses.replace(generate), cache_implementation="static"),
         "greedy": dataclasses.replace(base, temperature=1.0, top_k=1, top_p=1.0),
         "one_thread": dataclasses.replace(base, num_threads=1),
     }
@@ -71,7 +77,7 @@ def variants(tokenizer, compile_forward: bool) -> dict[str, SegmentGenerator]:
         config = CompileConfig(fullgraph=False, dynamic=False, mode="default")
         config._compile_all_devices = True  # transformers compiles by itself on GPUs only
         found["static_compiled"] = with_generation_options(
-            dataclasses.replace(base), cache_implementation="static", compile_config=config
+            dataclasses.replace(generate), cache_implementation="static", compile_config=config
         )
     return found
 

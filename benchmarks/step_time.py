@@ -9,8 +9,13 @@ Methods, each run through its trainer's real ``train()`` loop:
   (``sapo.logprobs``), to show what packing buys;
 - ``sapo_update_all_logits``: the packed update step computing logits at every position, prompt
   included, to show what skipping them buys (it grows with the vocabulary: ``--vocab-size``);
-- ``sapo_total``: the whole SAPO step, the EMA model sampling ``segment_length`` tokens per row;
+- ``sapo_update_every_draw``: the update step scoring every draw, a pair drawn twice in two
+  rows (the trainer scores each distinct pair once and counts its loss as often as drawn);
+- ``sapo_total``: the whole SAPO step, the EMA model sampling ``segment_length`` tokens per row
+  with SAPO's sampling loop (``sapo.decoding``);
 - ``sapo_total_unpacked``: the whole step, unpacked;
+- ``sapo_total_every_draw``: the whole step, scoring every draw;
+- ``sapo_total_generate``: the whole step, sampling with transformers' ``generate``;
 - ``sapo_total_gen_1_thread``: the whole step, generating with one torch thread
   (``SegmentGenerator.num_threads``).
 
@@ -24,9 +29,11 @@ A step is timed as Trainer's ``get_batch_samples`` call (where SAPO generates, b
 SAPO's EMA update and reference sync, whose callback runs before the timer's). The first
 ``--warmup`` steps of every ``train()`` call are skipped. Methods are interleaved over
 ``--rounds`` so that a change in background load hits all of them alike; figures are medians
-over all measured steps. The last line printed is one JSON object.
+over all measured steps ("vs trl_dpo": ratio of those medians), and "paired" is the median over
+rounds of each round's ratio, which a drift in the machine's speed between rounds does not move.
+The last line printed is one JSON object.
 
-    python benchmarks/step_time.py            # default setting (5-15 minutes on 2 busy CPU cores)
+    python benchmarks/step_time.py            # default setting (about 5 minutes on 2 quiet CPU cores)
     python benchmarks/step_time.py --quick    # a short run to check that it works
     python benchmarks/step_time.py --methods sapo_update sapo_update_all_logits --vocab-size 32000
 """
@@ -56,21 +63,30 @@ from sapo.logprobs import collate_pairs, completion_logps
 from sapo.packing import pack_pairs, packed_completion_logps
 from sapo.tiny import char_tokenizer, tiny_llama
 
-# SAPO methods: (generate, scoring, intra-op threads while generating; None: torch's setting)
+# SAPO methods: what differs from the trainer's defaults (packed scoring, distinct draws scored
+# once, SAPO's sampling loop, torch's threads)
 METHODS = {
     "trl_dpo": None,
-    "sapo_update": (False, "packed", None),
-    "sapo_update_unpacked": (False, "unpacked", None),
-    "sapo_update_all_logits": (False, "packed_all_logits", None),
-    "sapo_total": (True, "packed", None),
-    "sapo_total_unpacked": (True, "unpacked", None),
-    "sapo_total_gen_1_thread": (True, "packed", 1),
+    "sapo_update": dict(generate=False),
+    "sapo_update_unpacked": dict(generate=False, scoring="unpacked"),
+    "sapo_update_all_logits": dict(generate=False, scoring="packed_all_logits"),
+    "sapo_update_every_draw": dict(generate=False, every_draw=True),
+    "sapo_total": dict(generate=True),
+    "sapo_total_unpacked": dict(generate=True, scoring="unpacked"),
+    "sapo_total_every_draw": dict(generate=True, every_draw=True),
+    "sapo_total_generate": dict(generate=True, backend="transformers"),
+    "sapo_total_gen_1_thread": dict(generate=True, threads=1),
 }
 SCORING = {  # (collate, score) for the policy and the reference
     "packed": (pack_pairs, packed_completion_logps),
     "packed_all_logits": (functools.partial(pack_pairs, skip_prompt_logits=False), packed_completion_logps),
     "unpacked": (collate_pairs, completion_logps),
 }
+
+
+def every_draw(pairs):
+    """Score every draw, a pair drawn twice in two rows (what the trainer did before)."""
+    return list(pairs), torch.arange(len(pairs))
 
 
 def common_args(output_dir: str, batch_size: int, max_steps: int) -> dict:
@@ -145,16 +161,20 @@ def run_method(method, policy, tokenizer, pairs, settings, results):
         if METHODS[method] is None:
             trainer = build_trl(policy, tokenizer, pairs, settings, output_dir)
         else:
-            generate, scoring, threads = METHODS[method]
-            trainer = build_sapo(policy, tokenizer, pairs, settings, output_dir, generate)
-            collate, trainer._score = SCORING[scoring]
+            options = METHODS[method]
+            trainer = build_sapo(policy, tokenizer, pairs, settings, output_dir, options["generate"])
+            collate, trainer._score = SCORING[options.get("scoring", "packed")]
             trainer._collate = functools.partial(collate, pad_token_id=tokenizer.pad_token_id)
-            trainer.segment_generator.num_threads = threads
-            meter = GenerationMeter(trainer.segment_generator) if generate else None
+            if options.get("every_draw"):
+                trainer._distinct = every_draw
+            trainer.segment_generator.num_threads = options.get("threads")
+            trainer.segment_generator.backend = options.get("backend", "auto")
+            meter = GenerationMeter(trainer.segment_generator) if options["generate"] else None
         trainer.remove_callback(PrinterCallback)
         timer = StepTimer(trainer, settings.warmup)
         trainer.train()
     results[method]["steps"] += timer.steps
+    results[method]["round_medians"].append(statistics.median(timer.steps))
     results[method]["windows"] += timer.windows
     results[method]["cpu_steps"] += timer.cpu_steps
     results[method]["reference_reuse"] += timer.reference_reuse
@@ -166,7 +186,7 @@ def run_method(method, policy, tokenizer, pairs, settings, results):
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one round of 3 steps: checks that it runs")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all methods")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds over all methods")
     parser.add_argument("--steps", type=int, default=8, help="measured steps per method and round")
     parser.add_argument("--warmup", type=int, default=2, help="steps skipped at the start of each run")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -223,6 +243,7 @@ def main():
     results = {
         method: {
             "steps": [],
+            "round_medians": [],
             "windows": [],
             "cpu_steps": [],
             "reference_reuse": [],
@@ -256,18 +277,25 @@ def main():
         both = method in steps and baseline in steps
         return round(steps[method] / steps[baseline], 4) if both else None
 
+    def paired_ratio(method, baseline="trl_dpo"):
+        """Median over rounds of the round's ratio: methods of one round ran minutes apart at
+        most, so a drift in the machine's speed between rounds cancels out."""
+        rounds = zip(results[method]["round_medians"], results[baseline]["round_medians"])
+        return round(statistics.median(a / b for a, b in rounds), 4)
+
     print(
         f"tiny Llama {parameters / 1e6:.2f}M parameters ({model_config}); batch {settings.batch_size}, "
         f"prompt {settings.prompt_length}, completion {settings.completion_length}, segment "
         f"{settings.segment_length}; {settings.rounds} round(s) x {settings.steps} steps per method; "
         f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)"
     )
-    header = ("method", "step ms", "vs trl_dpo", "begin->end ms", "CPU ms", "CPU vs trl", "ref reuse")
+    header = ("method", "step ms", "vs trl_dpo", "paired", "begin->end", "CPU ms", "CPU vs trl", "ref reuse")
     print(f"{header[0]:<24}" + "".join(f"{name:>14}" for name in header[1:]))
     for method in methods:
         cells = (
             f"{steps[method]:.1f}",
             f"{ratio(method):.3f}",
+            f"{paired_ratio(method):.3f}",
             f"{windows[method]:.1f}",
             f"{cpu_steps[method]:.1f}",
             f"{cpu_steps[method] / cpu_steps['trl_dpo']:.3f}",
@@ -281,6 +309,9 @@ def main():
         "packed_vs_unpacked_total": ratio("sapo_total", "sapo_total_unpacked"),
         "prompt_logits_skipped_vs_all_update": ratio("sapo_update", "sapo_update_all_logits"),
         "generation_1_thread_vs_default_total": ratio("sapo_total_gen_1_thread", "sapo_total"),
+        "distinct_draws_vs_every_draw_update": ratio("sapo_update", "sapo_update_every_draw"),
+        "distinct_draws_vs_every_draw_total": ratio("sapo_total", "sapo_total_every_draw"),
+        "sapo_loop_vs_generate_total": ratio("sapo_total", "sapo_total_generate"),
     }
     for name, value in comparisons.items():
         if value is not None:
@@ -290,6 +321,7 @@ def main():
         "update_vs_trl_dpo": ratio("sapo_update"),
         "total_vs_trl_dpo": ratio("sapo_total"),
         **{f"{method}_vs_trl_dpo": ratio(method) for method in methods if method not in ("trl_dpo",)},
+        "paired_vs_trl_dpo": {method: paired_ratio(method) for method in methods if method != "trl_dpo"},
         **comparisons,
         "median_step_ms": {method: round(value, 2) for method, value in steps.items()},
         "median_begin_to_end_ms": {method: round(value, 2) for method, value in windows.items()},

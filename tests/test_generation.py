@@ -1,16 +1,31 @@
-"""`sapo.generation.SegmentGenerator`: batched, seeded segment sampling."""
+"""`sapo.generation.SegmentGenerator`: batched, seeded segment sampling.
+
+Every test runs with both backends: SAPO's sampling loop (`sapo.decoding`, the default) and
+transformers' `generate`.
+"""
 
 import random
 
 import pytest
 import torch
 
+from sapo.config import GENERATION_BACKENDS
 from sapo.generation import SegmentGenerator
 from sapo.tiny import tiny_llama
 
+BACKEND = {"name": "auto"}
+
+
+@pytest.fixture(autouse=True, params=GENERATION_BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setitem(BACKEND, "name", request.param)
+    return request.param
+
 
 def make_generator(tokenizer, **kwargs):
-    settings = dict(pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id])
+    settings = dict(
+        pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id], backend=BACKEND["name"]
+    )
     settings.update(kwargs)
     return SegmentGenerator(**settings)
 
@@ -40,47 +55,41 @@ def untied_model(tokenizer, seed):
 
 
 class CountForwards:
+    """Counts the model's forward calls and keeps the shape of each call's ``input_ids``."""
+
     def __init__(self, model):
         self.calls = 0
-        self.handle = model.register_forward_hook(self._hook)
+        self.shapes = []
+        self.handle = model.register_forward_hook(self._hook, with_kwargs=True)
 
-    def _hook(self, module, args, output):
+    def _hook(self, module, args, kwargs, output):
         self.calls += 1
-
-
-def count_generate_calls(model, monkeypatch):
-    calls = []
-    original = model.generate
-
-    def wrapped(*args, **kwargs):
-        calls.append(kwargs.get("input_ids", args[0] if args else None))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(model, "generate", wrapped)
-    return calls
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.shapes.append(tuple(ids.shape))
 
 
 # ----------------------------------------------------------------------------------------------
 
 
-def test_one_batched_generate_call_per_call(tokenizer, tiny_model, monkeypatch):
+def test_one_batched_call_per_call(tokenizer, tiny_model):
     model = tiny_model.eval()
-    calls = count_generate_calls(model, monkeypatch)
-    generator = make_generator(tokenizer)
+    counter = CountForwards(model)
+    generator = make_generator(tokenizer, eos_token_ids=[tokenizer.convert_tokens_to_ids("<|system|>")])
     prefixes = random_prefixes(tokenizer, [3, 7, 5, 1])
     segments = generator.generate(model, prefixes, [4, 2, 6, 3])
-    assert len(calls) == 1
-    assert calls[0].shape[0] == 4  # all rows in one batch
     assert len(segments) == 4
+    # one prefill over all rows (left-padded to the longest prefix), then one token per row per step
+    assert counter.shapes == [(4, 7)] + [(4, 1)] * 5
+    counter.shapes.clear()
     generator.generate(model, prefixes[:2], [5, 5])
-    assert len(calls) == 2 and calls[1].shape[0] == 2
+    assert counter.shapes == [(2, 7)] + [(2, 1)] * 4
 
 
-def test_empty_and_mismatched_inputs(tokenizer, tiny_model, monkeypatch):
-    calls = count_generate_calls(tiny_model, monkeypatch)
+def test_empty_and_mismatched_inputs(tokenizer, tiny_model):
+    counter = CountForwards(tiny_model)
     generator = make_generator(tokenizer)
     assert generator.generate(tiny_model, [], []) == []
-    assert calls == []
+    assert counter.calls == 0
     with pytest.raises(ValueError):
         generator.generate(tiny_model, [[10, 11]], [3, 4])
 
@@ -246,15 +255,15 @@ def test_num_threads_applies_while_generating_and_is_restored(tokenizer):
     handle.remove()
 
 
-def test_num_threads_restored_when_generation_fails(tokenizer, monkeypatch):
+def test_num_threads_restored_when_generation_fails(tokenizer):
     model = untied_model(tokenizer, seed=1)
     before = torch.get_num_threads()
 
-    def broken(*args, **kwargs):
+    def broken(module, args):
         assert torch.get_num_threads() == 1
         raise RuntimeError("generation failed")
 
-    monkeypatch.setattr(model, "generate", broken)
+    model.register_forward_pre_hook(broken)
     with pytest.raises(RuntimeError, match="generation failed"):
         _greedy(tokenizer, num_threads=1).generate(model, random_prefixes(tokenizer, [3]), [4])
     assert torch.get_num_threads() == before

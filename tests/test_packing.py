@@ -14,6 +14,7 @@ from sapo.packing import (
     PREFIX,
     REJECTED,
     common_prefix_length,
+    mask_for,
     pack_pairs,
     packed_completion_logps,
     supports_packing,
@@ -168,6 +169,23 @@ def test_eager_attention_gets_an_additive_mask():
     model.config._attn_implementation = "eager"
     with torch.no_grad():
         torch.testing.assert_close(packed(model, CASES)[0], separate(TIED, CASES)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_mask_form_follows_the_compute_dtype():
+    batch = pack_pairs(CASES, PAD)
+    mask = batch["attention_mask"]
+    additive = mask_for(TIED, mask)  # float32 weights: floats, which SDPA's kernels use as they are
+    assert additive.dtype == torch.float32
+    assert torch.equal(additive == 0, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mask_for(TIED, mask).dtype == torch.bool  # the query is bfloat16 under autocast
+    assert mask_for(copy.deepcopy(TIED).to(torch.bfloat16), mask).dtype == torch.bool
+    # both forms give the same logits, to the bit
+    inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    with torch.no_grad():
+        from_booleans = TIED(attention_mask=mask, **inputs).logits
+        from_floats = TIED(attention_mask=additive, **inputs).logits
+    assert torch.equal(from_floats, from_booleans)
 
 
 def test_attention_without_4d_masks_is_refused():

@@ -8,6 +8,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 LOSS_TYPES = ("dpo", "orpo")
+GENERATION_BACKENDS = ("auto", "transformers")
 
 
 @dataclass
@@ -63,6 +64,13 @@ class SAPOConfig(TrainingArguments):
             CPU only: torch's intra-op threads while sampling segments (restored afterwards);
             `None` leaves torch's setting. A decode step of a small model is many tiny matrix
             products, so `1` is often fastest, by far on a busy machine (docs/performance.md).
+        generation_backend (`str`, *optional*, defaults to `"auto"`):
+            `"auto"`: SAPO's sampling loop (`sapo.decoding`), which prepares attention masks once per
+            call and draws the same tokens as `generate` for the same seed, where the model allows
+            it (`sdpa` or `eager` attention, no window shorter than the sequences, not under
+            ZeRO-3 or FSDP); transformers' `generate` elsewhere. `"transformers"`: always
+            `generate`, which also applies the model's own `generation_config` (e.g. a repetition
+            penalty).
 
         > Parameters that control the EMA model, the replay buffer and the reference model
 
@@ -125,6 +133,10 @@ class SAPOConfig(TrainingArguments):
     generation_num_threads: int | None = field(
         default=None, metadata={"help": "CPU only: torch threads while sampling segments; None: unchanged."}
     )
+    generation_backend: str = field(
+        default="auto",
+        metadata={"help": "'auto': SAPO's sampling loop where the model allows it; 'transformers'."},
+    )
     ema_decay: float = field(
         default=0.5, metadata={"help": "Weight of the old average: ema = d * ema + (1 - d) * policy."}
     )
@@ -178,6 +190,8 @@ class SAPOConfig(TrainingArguments):
             fail("learning_rate", "must be >= 0")
         if self.generation_num_threads is not None and self.generation_num_threads < 1:
             fail("generation_num_threads", "must be at least 1, or None to leave torch's setting")
+        if self.generation_backend not in GENERATION_BACKENDS:
+            fail("generation_backend", f"must be one of {', '.join(GENERATION_BACKENDS)}")
         if self.replay_buffer_size < self.per_device_train_batch_size:
             fail(
                 "replay_buffer_size",

@@ -1,15 +1,18 @@
 """Sample SAPO's segments: up to ``window`` new tokens after each ``prompt + gold[:cut]`` prefix.
 
-All rows of a generation step go through one batched ``generate`` call (left padding, KV cache).
-A row stops at its own window or at EOS; the call ends as soon as every row has stopped.
-Sampling draws from a seed taken from the generator's own ``torch.Generator``, so a run is
-reproducible and the generator's state can be checkpointed.
+All rows of a generation step go through one batched call (left padding, KV cache). A row stops
+at its own window or at EOS; the call ends as soon as every row has stopped. Sampling draws from a
+seed taken from the generator's own ``torch.Generator``, so a run is reproducible and the
+generator's state can be checkpointed.
 
-The loop is transformers' own ``generate``: its per-token bookkeeping is small next to the
-model's forward, and neither a static cache nor ``torch.compile`` paid off on CPU (figures in
-docs/performance.md). On CPU, ``num_threads`` can cap torch's intra-op threads while sampling:
-a decode step is dozens of small matrix products, and when other processes share the cores,
-each one split across threads waits for whichever thread was descheduled.
+The loop is :func:`sapo.decoding.sample_tokens` where the model allows it (``backend="auto"``):
+``generate``'s sampling with the attention masks prepared once per call, the same tokens for the
+same seed, and 14-16% less time per call on the benchmark's model (docs/performance.md).
+Elsewhere, or with ``backend="transformers"``, it is transformers' ``generate``. Neither a static
+cache nor ``torch.compile`` paid off on CPU. On CPU, ``num_threads`` can cap torch's intra-op
+threads while sampling: a decode step is dozens of small matrix products, and when other
+processes share the cores, each one split across threads waits for whichever thread was
+descheduled.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from .config import GENERATION_BACKENDS
+from .decoding import sample_tokens, sampling_processors, supports_cached_loop
 from .segments import sample_cut, splice
 
 
@@ -46,6 +51,9 @@ class SegmentGenerator:
         seed: seed of the generator that draws one sampling seed per call.
         num_threads: torch intra-op threads while generating on CPU (``None``: leave torch's
             setting); restored afterwards. Has no effect on other devices.
+        backend: ``"auto"``: SAPO's cached loop where the model allows it
+            (:func:`sapo.decoding.supports_cached_loop`), else ``generate``; ``"transformers"``:
+            always ``generate``.
     """
 
     pad_token_id: int
@@ -55,8 +63,11 @@ class SegmentGenerator:
     top_k: int = 50
     seed: int = 0
     num_threads: int | None = None
+    backend: str = "auto"
 
     def __post_init__(self):
+        if self.backend not in GENERATION_BACKENDS:
+            raise ValueError(f"backend={self.backend!r}: must be one of {', '.join(GENERATION_BACKENDS)}")
         self.eos_token_ids = list(self.eos_token_ids)
         self.generator = torch.Generator().manual_seed(self.seed)
 
@@ -93,19 +104,33 @@ class SegmentGenerator:
                 input_ids[row, width - len(prefix) :] = torch.tensor(list(prefix), dtype=torch.long)
                 attention_mask[row, width - len(prefix) :] = 1
         limits = torch.tensor(list(max_new_tokens), dtype=torch.long, device=device)
+        most = int(max(max_new_tokens))
         call_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
         devices = [device] if device.type == "cuda" else []
         threads = self.num_threads if device.type == "cpu" else None
+        cached_loop = self.backend == "auto" and supports_cached_loop(model, width + most)
         with torch.random.fork_rng(devices=devices), _intra_op_threads(threads):
             torch.manual_seed(call_seed)
-            output = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                generation_config=self._generation_config(int(limits.max().item())),
-                stopping_criteria=StoppingCriteriaList([_PerRowLimit(width, limits)]),
-            )
-        new_tokens = output[:, width:].tolist()
-        return [self._trim(tokens, limit) for tokens, limit in zip(new_tokens, max_new_tokens)]
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            if cached_loop:
+                new_tokens = sample_tokens(
+                    model,
+                    input_ids,
+                    attention_mask,
+                    limits,
+                    sampling_processors(self.temperature, self.top_k, self.top_p),
+                    self.eos_token_ids,
+                    self.pad_token_id,
+                )
+            else:
+                output = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    generation_config=self._generation_config(most),
+                    stopping_criteria=StoppingCriteriaList([_PerRowLimit(width, limits)]),
+                )
+                new_tokens = output[:, width:]
+        return [self._trim(tokens, limit) for tokens, limit in zip(new_tokens.tolist(), max_new_tokens)]
 
     def _trim(self, tokens: list[int], limit: int) -> list[int]:
         tokens = tokens[:limit]

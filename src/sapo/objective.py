@@ -7,11 +7,43 @@ log-probs come from ``score(model, batch)``; DPO reads the reference log-probs f
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from .losses import dpo_loss, orpo_loss
+
+
+def distinct_pairs(pairs: Sequence[Any]) -> tuple[list[Any], torch.Tensor]:
+    """The distinct pairs of a batch drawn with replacement (by identity, first draw first) and,
+    for each draw, the index of its pair among them.
+
+    Scoring the distinct pairs and repeating their log-probs by that index (:func:`as_drawn`)
+    gives the loss and the gradients of scoring every draw, with one forward row per pair.
+    """
+    position: dict[int, int] = {}
+    distinct = []
+    for pair in pairs:
+        if id(pair) not in position:
+            position[id(pair)] = len(distinct)
+            distinct.append(pair)
+    return distinct, torch.tensor([position[id(pair)] for pair in pairs], dtype=torch.long)
+
+
+def as_drawn(score: Callable, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    """``score(model, batch)`` on a batch of distinct pairs, its rows repeated in draw order.
+
+    ``batch["drawn_index"]`` (from :func:`distinct_pairs`) maps each of the ``K`` draws to one of
+    the ``D`` scored pairs; rows come as ``[:D]`` chosen, ``[D:]`` rejected and leave as ``[:K]``
+    chosen, ``[K:]`` rejected. Without ``drawn_index`` the rows are returned as scored.
+    """
+    logps, lengths = score(model, batch)
+    index = batch.get("drawn_index")
+    if index is None:
+        return logps, lengths
+    rows = torch.cat([index, index + logps.shape[0] // 2]).to(logps.device)
+    return logps[rows], lengths[rows]
 
 
 def preference_objective(

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from transformers.integrations.fsdp import is_fsdp_managed_module
 from trl.trainer.utils import selective_log_softmax
 
 PREFIX, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1
@@ -138,20 +139,49 @@ def _attention_implementation(model: torch.nn.Module) -> str:
     return getattr(config, "_attn_implementation", None) or "sdpa"
 
 
-def supports_packing(model: torch.nn.Module) -> bool:
-    """Whether the model's attention implementation takes the packed 4D mask.
+def shortest_window(config) -> int | None:
+    """The shortest sliding or chunked attention window of ``config``, ``None`` when it has none.
+
+    A custom 4D mask replaces the model's own masks, windows included: it is exact only for
+    sequences no longer than the window allows.
+    """
+    windows = [getattr(config, "attention_chunk_size", None)]
+    if getattr(config, "use_sliding_window", True) is not False:
+        windows.append(getattr(config, "sliding_window", None))
+    windows = [window for window in windows if window]
+    return min(windows) if windows else None
+
+
+def supports_packing(model: torch.nn.Module, max_length: int | None = None) -> bool:
+    """Whether the model's attention implementation takes the packed 4D mask, exactly.
 
     ``sdpa`` (transformers' default) and ``eager`` do; flash attention and flex attention do not,
-    and such a model scores pairs with ``sapo.logprobs.collate_pairs`` instead.
+    and such a model scores pairs with ``sapo.logprobs.collate_pairs`` instead. So does a model
+    with a sliding or chunked attention window unless every sequence (at most ``max_length``
+    tokens) fits inside it: the packed mask would let tokens see past the window.
     """
-    return _attention_implementation(model) in _MASK_FORMATS
+    if _attention_implementation(model) not in _MASK_FORMATS:
+        return False
+    window = shortest_window(getattr(getattr(model, "module", model), "config", None))
+    return window is None or (max_length is not None and max_length < window)
 
 
-def _mask_for(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
+def _computes_in_float32(model: torch.nn.Module, device: torch.device) -> bool:
+    """Float32 weights and no autocast; FSDP may cast float32 weights for the forward, so never there."""
+    dtype = getattr(getattr(model, "module", model), "dtype", None)
+    if dtype != torch.float32 or torch.is_autocast_enabled(device.type):
+        return False
+    return not is_fsdp_managed_module(model)
+
+
+def mask_for(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
     """The boolean mask in the form the model's attention implementation reads.
 
-    ``sdpa`` takes booleans; ``eager`` adds the mask to the scores, so it needs ``0``/``-inf``-like
-    floats (a boolean would be added as 0/1 and silently mask nothing).
+    ``eager`` adds the mask to the scores, so it needs ``0``/``-inf``-like floats (a boolean would
+    be added as 0/1 and silently mask nothing). ``sdpa`` takes booleans, or such floats in the
+    query's dtype: a float32 model (no autocast) gets the floats, which SDPA's CPU kernels use
+    as they are, where they convert a boolean mask in every layer (5% of a packed forward and
+    backward on the benchmark's model, same log-probs to the bit); other models get booleans.
     """
     implementation = _attention_implementation(model)
     mask_format = _MASK_FORMATS.get(implementation)
@@ -160,7 +190,7 @@ def _mask_for(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
             f"attn_implementation={implementation!r} cannot take the packed 4D attention mask; "
             f"use one of {sorted(_MASK_FORMATS)} or score pairs with sapo.logprobs.collate_pairs"
         )
-    if mask_format == "bool":
+    if mask_format == "bool" and not _computes_in_float32(model, mask.device):
         return mask
     return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
         ~mask, torch.finfo(torch.float32).min
@@ -181,7 +211,7 @@ def packed_completion_logps(
     trimmed = {"logits_to_keep": keep} if keep < batch["input_ids"].shape[1] else {}
     logits = model(
         input_ids=batch["input_ids"],
-        attention_mask=_mask_for(model, batch["attention_mask"]),
+        attention_mask=mask_for(model, batch["attention_mask"]),
         position_ids=batch["position_ids"],
         use_cache=False,
         **trimmed,

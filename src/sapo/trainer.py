@@ -7,6 +7,7 @@ Per optimizer step ``t`` (gradient accumulation counts once), in order:
    one batched call; ``(prompt, gold, rejected)`` enters the replay buffer
    (:meth:`SAPOTrainer.get_batch_samples`, :meth:`SAPOTrainer._generate_pairs`);
 2. sample a batch from the buffer, least-drawn pairs first (:meth:`SAPOTrainer.training_step`);
+   a pair drawn more than once in a batch is scored once and its loss counted as often as drawn;
 3. DPO or ORPO loss on that batch (:meth:`SAPOTrainer.compute_loss`), optimizer step by Trainer;
 4. EMA update, then, for DPO, maybe copy the EMA into the reference
    (:meth:`SAPOTrainer._after_optimizer_step`).
@@ -47,7 +48,7 @@ from .config import SAPOConfig
 from .data import GOLD_IDS, PROMPT_IDS, collate_rows, prepare_dataset
 from .generation import SegmentGenerator, self_augmented_pairs
 from .logprobs import collate_pairs, completion_logps
-from .objective import preference_objective
+from .objective import as_drawn, distinct_pairs, preference_objective
 from .packing import pack_pairs, packed_completion_logps, supports_packing
 from .policy import eos_token_ids, prepare_policy
 from .reference import build_ema_and_reference, distribute_like_policy, reference_logps
@@ -147,6 +148,7 @@ class SAPOTrainer(Trainer):
             top_k=args.top_k,
             seed=args.seed + 104729 * (rank + 1),
             num_threads=args.generation_num_threads,
+            backend=args.generation_backend,
         )
         # under FSDP or ZeRO-3, whole copies wait on the CPU to be distributed when training starts
         device = "cpu" if self.is_fsdp_enabled or is_deepspeed_zero3_enabled() else None
@@ -155,11 +157,12 @@ class SAPOTrainer(Trainer):
         self._reference_version = 0  # bumped at every sync; cached reference log-probs carry it
         # chosen and rejected share prompt + gold[:cut]: score both in one packed row where the
         # attention implementation takes a 4D mask, else as two padded rows
-        packed = supports_packing(policy) and (ref_model is None or supports_packing(ref_model))
+        packed = all(supports_packing(m, args.max_length) for m in (policy, ref_model) if m is not None)
         self._collate = functools.partial(
             pack_pairs if packed else collate_pairs, pad_token_id=processing_class.pad_token_id
         )
         self._score = packed_completion_logps if packed else completion_logps
+        self._distinct = distinct_pairs
         self._window: deque[list[dict[str, Any]]] = deque()  # row batches of this window's later steps
         self._steps_generated_ahead = 0  # after a resume inside a window: steps whose rows have pairs
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -204,21 +207,17 @@ class SAPOTrainer(Trainer):
         return window[0], None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """Train on a batch drawn from the replay buffer; dataset rows only feed generation."""
+        """Train on a buffer batch, a pair drawn twice scored once; dataset rows only feed generation."""
         pairs = self.buffer.sample(self.args.per_device_train_batch_size)
-        batch = self._collate(pairs)
+        distinct, drawn_index = self._distinct(pairs)
+        batch = {**self._collate(distinct), "drawn_index": drawn_index}
         if self.reference is not None:
-            reused = sum(pair.get("ref_version") == self._reference_version for pair in pairs)
+            version, device = self._reference_version, self.args.device
+            reused = sum(pair.get("ref_version") == version for pair in pairs)
             self._record("sapo/reference_reuse", torch.tensor([reused / len(pairs)]))
             with self.compute_loss_context_manager():
-                batch["ref_chosen_logps"], batch["ref_rejected_logps"] = reference_logps(
-                    self.reference,
-                    pairs,
-                    self._reference_version,
-                    self._collate,
-                    self._score,
-                    self.args.device,
-                )
+                logps = reference_logps(self.reference, pairs, version, self._collate, self._score, device)
+            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = logps
         return super().training_step(model, batch, num_items_in_batch)
 
     def _generate_pairs(self, rows: list[tuple[list[int], list[int]]], step: int) -> None:
@@ -240,7 +239,8 @@ class SAPOTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """DPO or ORPO on a buffer batch (rows ``[:B]`` chosen, ``[B:]`` rejected)."""
-        loss, metrics = preference_objective(model, inputs, self.args.loss_type, self.args.beta, self._score)
+        score = functools.partial(as_drawn, self._score)
+        loss, metrics = preference_objective(model, inputs, self.args.loss_type, self.args.beta, score)
         for name, values in metrics.items():
             self._record(name, values)
         if not torch.isfinite(self.accelerator.gather(loss.detach()[None])).all():

@@ -1,0 +1,112 @@
+"""`sapo.objective`: a pair drawn several times in a batch is scored once and counted as often as
+drawn, with the loss, gradients and metrics of scoring every draw."""
+
+import copy
+import functools
+
+import pytest
+import torch
+from test_trainer import make_args
+
+from sapo import SAPOTrainer
+from sapo.logprobs import collate_pairs, completion_logps
+from sapo.objective import as_drawn, distinct_pairs, preference_objective
+from sapo.packing import pack_pairs, packed_completion_logps
+from sapo.segments import splice
+from sapo.tiny import char_tokenizer, tiny_llama
+
+TOKENIZER = char_tokenizer()
+PAD, EOS = TOKENIZER.pad_token_id, TOKENIZER.eos_token_id
+SCORING = {
+    "packed": (pack_pairs, packed_completion_logps),
+    "unpacked": (collate_pairs, completion_logps),
+}
+
+
+def pair(prompt, gold, cut, segment):
+    rejected = splice(gold, cut, segment, len(segment), EOS)
+    return {"prompt_ids": prompt, "chosen_ids": gold, "rejected_ids": rejected}
+
+
+PAIRS = [
+    pair([7, 8, 9, 10], [20, 21, 22, 23, EOS], 1, [30, 31]),
+    pair([7], [40, 41, 42, 43, 44, 45, EOS], 0, [50, 51, 52]),
+    pair([9, 8, 7, 6, 5, 11], [60, 61, EOS], 1, [62, EOS]),
+]
+DRAWS = [PAIRS[1], PAIRS[0], PAIRS[1], PAIRS[2], PAIRS[1], PAIRS[0]]
+
+
+def test_distinct_pairs_by_identity_in_first_draw_order():
+    twin = dict(PAIRS[0])  # equal contents, another pair
+    distinct, index = distinct_pairs([*DRAWS, twin])
+    assert distinct == [PAIRS[1], PAIRS[0], PAIRS[2], twin]
+    assert distinct[3] is twin
+    assert index.tolist() == [0, 1, 0, 2, 0, 1, 3]
+    assert [distinct[i] for i in index] == [*DRAWS, twin]
+
+
+def objective_and_gradients(model, batch, loss_type, score):
+    model.zero_grad()
+    loss, metrics = preference_objective(model, batch, loss_type, 0.1, score)
+    loss.backward()
+    return loss.detach(), metrics, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("scoring", sorted(SCORING))
+@pytest.mark.parametrize("loss_type", ["dpo", "orpo"])
+def test_scoring_distinct_pairs_equals_scoring_every_draw(loss_type, scoring):
+    collate, score = SCORING[scoring]
+    model = tiny_llama(TOKENIZER, seed=3, tie_word_embeddings=False)
+    every = collate(DRAWS, PAD)
+    distinct, index = distinct_pairs(DRAWS)
+    once = {**collate(distinct, PAD), "drawn_index": index}
+    assert once["input_ids"].shape[0] < every["input_ids"].shape[0]  # fewer rows through the model
+    reference = {"ref_chosen_logps": torch.randn(len(DRAWS)), "ref_rejected_logps": torch.randn(len(DRAWS))}
+    every.update(reference)
+    once.update(reference)
+    loss_every, metrics_every, grads_every = objective_and_gradients(model, every, loss_type, score)
+    loss_once, metrics_once, grads_once = objective_and_gradients(
+        model, once, loss_type, functools.partial(as_drawn, score)
+    )
+    torch.testing.assert_close(loss_once, loss_every, atol=1e-6, rtol=1e-6)
+    assert metrics_once.keys() == metrics_every.keys()
+    for name, value in metrics_every.items():
+        assert metrics_once[name].shape == value.shape, name  # one value per draw, as logged before
+        torch.testing.assert_close(metrics_once[name], value, atol=1e-5, rtol=1e-6)
+    for name, grad in grads_every.items():
+        torch.testing.assert_close(grads_once[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_without_an_index_rows_come_back_as_scored():
+    model = tiny_llama(TOKENIZER, seed=3)
+    batch = pack_pairs(PAIRS, PAD)
+    with torch.no_grad():
+        direct = packed_completion_logps(model, batch)
+        wrapped = as_drawn(packed_completion_logps, model, batch)
+    for a, b in zip(direct, wrapped):
+        assert torch.equal(a, b)
+
+
+def test_trainer_steps_equal_scoring_every_draw(tmp_path, tokenizer, tiny_model, addition_dataset):
+    """A small buffer makes repeated draws common; training is the same either way."""
+
+    def run(name, every_draw):
+        args = make_args(tmp_path / name, max_steps=4, replay_buffer_size=8, logging_steps=1)
+        model, rows = copy.deepcopy(tiny_model), addition_dataset
+        trainer = SAPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+        rows = []  # rows of each scored batch
+        if every_draw:
+            trainer._distinct = lambda pairs: (list(pairs), torch.arange(len(pairs)))
+        scored = trainer._collate
+        trainer._collate = lambda pairs: rows.append(len(pairs)) or scored(pairs)
+        trainer.train()
+        return trainer, rows
+
+    once, rows_once = run("once", every_draw=False)
+    every, rows_every = run("every", every_draw=True)
+    assert sum(rows_once) < sum(rows_every)  # some batches held repeated draws
+    losses = [[entry["loss"] for entry in t.state.log_history if "loss" in entry] for t in (once, every)]
+    assert len(losses[0]) == 4
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
+    for (name, a), b in zip(once.model.named_parameters(), every.model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
