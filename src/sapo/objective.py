@@ -55,9 +55,10 @@ def preference_objective(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean loss over the batch and per-example metrics named as TRL names them.
 
-    Rows ``[:B]`` of the batch are chosen answers, rows ``[B:]`` rejected ones.
+    Rows ``[:B]`` of the batch are chosen answers, rows ``[B:]`` rejected ones. A batch of distinct
+    pairs with a ``drawn_index`` is scored once and counted per draw (:func:`as_drawn`).
     """
-    logps, lengths = score(model, batch)
+    logps, lengths = as_drawn(score, model, batch)
     chosen_logps, rejected_logps = logps.chunk(2)
     metrics: dict[str, torch.Tensor] = {}
     if loss_type == "dpo":

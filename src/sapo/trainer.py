@@ -48,7 +48,7 @@ from .config import SAPOConfig
 from .data import GOLD_IDS, PROMPT_IDS, collate_rows, prepare_dataset
 from .generation import SegmentGenerator, self_augmented_pairs
 from .logprobs import collate_pairs, completion_logps
-from .objective import as_drawn, distinct_pairs, preference_objective
+from .objective import distinct_pairs, preference_objective
 from .packing import pack_pairs, packed_completion_logps, supports_packing
 from .policy import eos_token_ids, prepare_policy
 from .reference import build_ema_and_reference, distribute_like_policy, reference_logps
@@ -158,9 +158,8 @@ class SAPOTrainer(Trainer):
         # chosen and rejected share prompt + gold[:cut]: score both in one packed row where the
         # attention implementation takes a 4D mask, else as two padded rows
         packed = all(supports_packing(m, args.max_length) for m in (policy, ref_model) if m is not None)
-        self._collate = functools.partial(
-            pack_pairs if packed else collate_pairs, pad_token_id=processing_class.pad_token_id
-        )
+        collate = pack_pairs if packed else collate_pairs
+        self._collate = functools.partial(collate, pad_token_id=processing_class.pad_token_id)
         self._score = packed_completion_logps if packed else completion_logps
         self._distinct = distinct_pairs
         self._window: deque[list[dict[str, Any]]] = deque()  # row batches of this window's later steps
@@ -207,17 +206,19 @@ class SAPOTrainer(Trainer):
         return window[0], None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """Train on a buffer batch, a pair drawn twice scored once; dataset rows only feed generation."""
+        """Train on a buffer batch (each distinct pair scored once); dataset rows only feed generation."""
         pairs = self.buffer.sample(self.args.per_device_train_batch_size)
         distinct, drawn_index = self._distinct(pairs)
-        batch = {**self._collate(distinct), "drawn_index": drawn_index}
+        collated = self._collate(distinct)
+        batch = {**collated, "drawn_index": drawn_index}
         if self.reference is not None:
-            version, device = self._reference_version, self.args.device
+            version = self._reference_version
             reused = sum(pair.get("ref_version") == version for pair in pairs)
             self._record("sapo/reference_reuse", torch.tensor([reused / len(pairs)]))
+            collate = lambda missing: collated if missing == distinct else self._collate(missing)  # noqa: E731
             with self.compute_loss_context_manager():
-                logps = reference_logps(self.reference, pairs, version, self._collate, self._score, device)
-            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = logps
+                ref = reference_logps(self.reference, pairs, version, collate, self._score, self.args.device)
+            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref
         return super().training_step(model, batch, num_items_in_batch)
 
     def _generate_pairs(self, rows: list[tuple[list[int], list[int]]], step: int) -> None:
@@ -239,8 +240,7 @@ class SAPOTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """DPO or ORPO on a buffer batch (rows ``[:B]`` chosen, ``[B:]`` rejected)."""
-        score = functools.partial(as_drawn, self._score)
-        loss, metrics = preference_objective(model, inputs, self.args.loss_type, self.args.beta, score)
+        loss, metrics = preference_objective(model, inputs, self.args.loss_type, self.args.beta, self._score)
         for name, values in metrics.items():
             self._record(name, values)
         if not torch.isfinite(self.accelerator.gather(loss.detach()[None])).all():
