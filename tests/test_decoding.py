@@ -8,12 +8,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
+from torch.distributed.fsdp import FSDPModule
 from transformers import MistralConfig, MistralForCausalLM
 
 from sapo import SAPOConfig
 from sapo.decoding import sampling_processors, supports_cached_loop
 from sapo.generation import SegmentGenerator
-from sapo.packing import supports_packing
+from sapo.packing import mask_for, supports_packing, uses_fsdp
 from sapo.tiny import char_tokenizer, tiny_llama
 
 TOKENIZER = char_tokenizer()
@@ -159,6 +160,17 @@ def test_models_the_loop_cannot_take():
     model.config._attn_implementation = "sdpa"
     model.config.layer_types = ["full_attention", "linear_attention"]
     assert not supports_cached_loop(model, 100)
+
+
+def test_a_model_with_fsdp_units_keeps_generate_and_boolean_masks():
+    model, mask = tiny_llama(TOKENIZER, seed=0), torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    assert not uses_fsdp(model) and mask_for(model, mask).dtype == torch.float32
+    layer = model.model.layers[0]
+    # fully_shard turns a unit's class into FSDP<Name>(FSDPModule, Name); accelerate shards units only
+    layer.__class__ = type(f"FSDP{type(layer).__name__}", (FSDPModule, type(layer)), {})
+    assert uses_fsdp(model)
+    assert not supports_cached_loop(model, 10)  # generate keeps the ranks in step
+    assert mask_for(model, mask).dtype == torch.bool
 
 
 def test_packing_respects_attention_windows():

@@ -33,9 +33,8 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.integrations.fsdp import is_fsdp_managed_module
 
-from .packing import mask_for, supports_packing
+from .packing import mask_for, supports_packing, uses_fsdp
 
 # layer kinds whose attention is the ordinary causal attention a 4D mask describes
 _ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention"}
@@ -67,7 +66,7 @@ def supports_cached_loop(model: torch.nn.Module, total_length: int) -> bool:
         return False
     if any(kind not in _ATTENTION_LAYERS for kind in getattr(config, "layer_types", None) or []):
         return False
-    return not (is_deepspeed_zero3_enabled() or is_fsdp_managed_module(model))
+    return not (is_deepspeed_zero3_enabled() or uses_fsdp(model))
 
 
 def _forward_parameters(model: torch.nn.Module):

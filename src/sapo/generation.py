@@ -7,7 +7,7 @@ generator's state can be checkpointed.
 
 The loop is :func:`sapo.decoding.sample_tokens` where the model allows it (``backend="auto"``):
 ``generate``'s sampling with the attention masks prepared once per call, the same tokens for the
-same seed, and 14-16% less time per call on the benchmark's model (docs/performance.md).
+same seed, and about 15% less time per call on the benchmark's model (docs/performance.md).
 Elsewhere, or with ``backend="transformers"``, it is transformers' ``generate``. Neither a static
 cache nor ``torch.compile`` paid off on CPU. On CPU, ``num_threads`` can cap torch's intra-op
 threads while sampling: a decode step is dozens of small matrix products, and when other

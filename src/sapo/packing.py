@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from transformers.integrations.fsdp import is_fsdp_managed_module
 from trl.trainer.utils import selective_log_softmax
 
@@ -166,12 +167,19 @@ def supports_packing(model: torch.nn.Module, max_length: int | None = None) -> b
     return window is None or (max_length is not None and max_length < window)
 
 
+def uses_fsdp(model: torch.nn.Module) -> bool:
+    """Whether FSDP manages the model or any part of it (accelerate's FSDP2 marks only the parts)."""
+    if is_fsdp_managed_module(model):
+        return True
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
 def _computes_in_float32(model: torch.nn.Module, device: torch.device) -> bool:
     """Float32 weights and no autocast; FSDP may cast float32 weights for the forward, so never there."""
     dtype = getattr(getattr(model, "module", model), "dtype", None)
     if dtype != torch.float32 or torch.is_autocast_enabled(device.type):
         return False
-    return not is_fsdp_managed_module(model)
+    return not uses_fsdp(model)
 
 
 def mask_for(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
