@@ -57,7 +57,9 @@ def supports_cached_loop(model: torch.nn.Module, total_length: int) -> bool:
 
     A custom 4D mask replaces the model's own masks, so any window shorter than the sequence
     (which would have hidden the oldest keys) rules the loop out, as do layers that are not
-    attention (linear attention, state-space layers) and encoder-decoder models.
+    attention (linear attention, state-space layers) and encoder-decoder models. Under ZeRO-3 or
+    FSDP a forward may be collective, and ``generate`` decides how the ranks keep in step: those
+    keep ``generate``.
     """
     config = getattr(model, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
