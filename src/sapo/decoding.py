@@ -34,7 +34,7 @@ from transformers.generation import (
 )
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from .packing import mask_for, supports_packing, uses_fsdp
+from .packing import PADDING, PREFIX, mask_for, packed_attention_mask, supports_packing, uses_fsdp
 
 # layer kinds whose attention is the ordinary causal attention a 4D mask describes
 _ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention"}
@@ -98,10 +98,9 @@ def sample_tokens(
         return torch.empty((batch, 0), dtype=torch.long, device=device)
     # keys[i, j]: whether position j of row i is a real token; every generated position is
     keys = torch.cat([attention_mask.bool(), torch.ones(batch, most, dtype=torch.bool, device=device)], dim=1)
-    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-    prefill_mask = causal[None] & keys[:, None, :width]
-    # a padding query sees itself only: a fully masked row would turn into NaN in some kernels
-    prefill_mask |= torch.eye(width, dtype=torch.bool, device=device)
+    # the prefix is one packed "shared prefix" with padding: causal, no padding key, a padding query
+    # sees itself only (packed_attention_mask)
+    prefill_mask = packed_attention_mask(torch.where(attention_mask.bool(), PREFIX, PADDING))
     decode_mask = mask_for(model, keys[:, None, None, :])
     position_ids = attention_mask.long().cumsum(-1) - 1
     position_ids.masked_fill_(attention_mask == 0, 1)  # what generate gives padding positions
@@ -112,7 +111,7 @@ def sample_tokens(
     cache = DynamicCache(config=model.config)
     outputs = model(
         input_ids=input_ids,
-        attention_mask=mask_for(model, prefill_mask[:, None]),
+        attention_mask=mask_for(model, prefill_mask),
         position_ids=position_ids,
         use_cache=True,
         **{cache_argument: cache},

@@ -140,7 +140,7 @@ def _attention_implementation(model: torch.nn.Module) -> str:
     return getattr(config, "_attn_implementation", None) or "sdpa"
 
 
-def shortest_window(config) -> int | None:
+def _shortest_window(config) -> int | None:
     """The shortest sliding or chunked attention window of ``config``, ``None`` when it has none.
 
     A custom 4D mask replaces the model's own masks, windows included: it is exact only for
@@ -163,7 +163,7 @@ def supports_packing(model: torch.nn.Module, max_length: int | None = None) -> b
     """
     if _attention_implementation(model) not in _MASK_FORMATS:
         return False
-    window = shortest_window(getattr(getattr(model, "module", model), "config", None))
+    window = _shortest_window(getattr(getattr(model, "module", model), "config", None))
     return window is None or (max_length is not None and max_length < window)
 
 

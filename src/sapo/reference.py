@@ -83,22 +83,27 @@ def distribute_like_policy(policy, ema, reference, accelerator, wrapped=None):
 
 
 def reference_logps(
-    reference, pairs, version: int, collate, score, device
+    reference, pairs, version: int, collate, score, device, collated=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference log-probs of each pair's chosen and rejected answers, ``(chosen, rejected)``.
 
     A pair drawn again before the next sync (same ``version``) reuses the values stored on it
     (``ref_logps``, ``ref_version``); only the other pairs go through the reference model, in one
     batch built by ``collate`` and scored by ``score`` (e.g. ``collate_pairs``/``completion_logps``).
+    ``collated``, when given, is ``collate(pairs)`` (the policy's batch, which the caller has
+    already built): when every pair needs scoring it goes through the reference as it is. A pair
+    listed twice is scored twice; the trainer passes each distinct pair once.
     A whole reference scores under ``torch.inference_mode`` (6% faster than ``no_grad`` on the
     benchmark's model); a sharded one under ``no_grad``, as its forward gathers weights in place.
     """
     # a sharded reference's forward gathers weights from all ranks: each rank scores every pair,
     # every time, or a rank with nothing left to score would leave the others waiting
     rescore = getattr(reference, "sharded", False)
-    missing = list({id(p): p for p in pairs if rescore or p.get("ref_version") != version}.values())
+    missing = [p for p in pairs if rescore or p.get("ref_version") != version]
     if missing:
-        batch = {name: tensor.to(device) for name, tensor in collate(missing).items()}
+        whole = collated is not None and len(missing) == len(pairs)
+        batch = collated if whole else collate(missing)
+        batch = {name: tensor.to(device) for name, tensor in batch.items()}
         grad_off = torch.no_grad() if rescore else torch.inference_mode()
         with grad_off, reference.scoring_model() as model:
             logps, _ = score(model, batch)

@@ -131,8 +131,9 @@ class PairTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         batch = self._collate(inputs)
         with self.compute_loss_context_manager():
+            scoring = (self._collate, completion_logps, self.args.device, batch)
             batch["ref_chosen_logps"], batch["ref_rejected_logps"] = reference_logps(
-                self.reference, inputs, self._version, self._collate, completion_logps, self.args.device
+                self.reference, inputs, self._version, *scoring
             )
         return super().training_step(model, batch, num_items_in_batch)
 

@@ -212,13 +212,12 @@ class SAPOTrainer(Trainer):
         collated = self._collate(distinct)
         batch = {**collated, "drawn_index": drawn_index}
         if self.reference is not None:
-            version = self._reference_version
-            reused = sum(pair.get("ref_version") == version for pair in pairs)
+            reused = sum(pair.get("ref_version") == self._reference_version for pair in pairs)
             self._record("sapo/reference_reuse", torch.tensor([reused / len(pairs)]))
-            collate = lambda missing: collated if missing == distinct else self._collate(missing)  # noqa: E731
+            scoring = (self._collate, self._score, self.args.device, collated)
             with self.compute_loss_context_manager():
-                ref = reference_logps(self.reference, pairs, version, collate, self._score, self.args.device)
-            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref
+                ref = reference_logps(self.reference, distinct, self._reference_version, *scoring)
+            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = (logps[drawn_index] for logps in ref)
         return super().training_step(model, batch, num_items_in_batch)
 
     def _generate_pairs(self, rows: list[tuple[list[int], list[int]]], step: int) -> None:
