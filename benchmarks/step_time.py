@@ -31,7 +31,10 @@ SAPO's EMA update and reference sync, whose callback runs before the timer's). T
 ``--rounds`` so that a change in background load hits all of them alike; figures are medians
 over all measured steps ("vs trl_dpo": ratio of those medians), and "paired" is the median over
 rounds of each round's ratio, which a drift in the machine's speed between rounds does not move.
-The last line printed is one JSON object.
+"work vs trl" is what the step asks of the models, whatever it costs: the token positions
+through the policy (a forward and backward, counted three times) and the reference (once) per
+step, padding included, over TRL's; a step's time ratio can only go below it where TRL spends
+time outside its models. The last line printed is one JSON object.
 
     python benchmarks/step_time.py            # default setting (about 5 minutes on 2 quiet CPU cores)
     python benchmarks/step_time.py --quick    # a short run to check that it works
@@ -54,7 +57,7 @@ import datasets
 import torch
 import transformers
 import trl
-from step_time_parts import GenerationMeter, StepTimer, as_text, make_pairs
+from step_time_parts import GenerationMeter, PositionCounter, StepTimer, as_text, make_pairs, work_units
 from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
@@ -172,7 +175,10 @@ def run_method(method, policy, tokenizer, pairs, settings, results):
             meter = GenerationMeter(trainer.segment_generator) if options["generate"] else None
         trainer.remove_callback(PrinterCallback)
         timer = StepTimer(trainer, settings.warmup)
+        counters = {"policy": PositionCounter(trainer.model), "reference": PositionCounter(trainer.ref_model)}
         trainer.train()
+    for role, counter in counters.items():
+        results[method][f"{role}_positions"] += counter.positions / trainer.state.global_step
     results[method]["steps"] += timer.steps
     results[method]["round_medians"].append(statistics.median(timer.steps))
     results[method]["windows"] += timer.windows
@@ -249,6 +255,8 @@ def main():
             "reference_reuse": [],
             "generated_tokens": 0,
             "generation_seconds": 0.0,
+            "policy_positions": 0.0,  # summed over rounds: token positions per step
+            "reference_positions": 0.0,
         }
         for method in methods
     }
@@ -273,6 +281,14 @@ def main():
         if results[method]["reference_reuse"]
     }
 
+    positions = {  # per step, averaged over rounds
+        method: {
+            role: results[method][f"{role}_positions"] / settings.rounds for role in ("policy", "reference")
+        }
+        for method in methods
+    }
+    work = {method: work_units(counts["policy"], counts["reference"]) for method, counts in positions.items()}
+
     def ratio(method, baseline="trl_dpo"):
         both = method in steps and baseline in steps
         return round(steps[method] / steps[baseline], 4) if both else None
@@ -289,7 +305,17 @@ def main():
         f"{settings.segment_length}; {settings.rounds} round(s) x {settings.steps} steps per method; "
         f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)"
     )
-    header = ("method", "step ms", "vs trl_dpo", "paired", "begin->end", "CPU ms", "CPU vs trl", "ref reuse")
+    header = (
+        "method",
+        "step ms",
+        "vs trl_dpo",
+        "paired",
+        "begin->end",
+        "CPU ms",
+        "CPU vs trl",
+        "ref reuse",
+        "work vs trl",
+    )
     print(f"{header[0]:<24}" + "".join(f"{name:>14}" for name in header[1:]))
     for method in methods:
         cells = (
@@ -300,6 +326,7 @@ def main():
             f"{cpu_steps[method]:.1f}",
             f"{cpu_steps[method] / cpu_steps['trl_dpo']:.3f}",
             f"{reuse[method]:.0%}" if method in reuse else "-",
+            f"{work[method] / work['trl_dpo']:.3f}",
         )
         print(f"{method:<24}" + "".join(f"{cell:>14}" for cell in cells))
     for method, tokens_per_second in generation.items():
@@ -327,6 +354,10 @@ def main():
         "median_begin_to_end_ms": {method: round(value, 2) for method, value in windows.items()},
         "median_step_cpu_ms": {method: round(value, 2) for method, value in cpu_steps.items()},
         "reference_reuse": reuse,
+        "positions_per_step": {
+            m: {r: round(v, 1) for r, v in counts.items()} for m, counts in positions.items()
+        },
+        "work_vs_trl_dpo": {method: round(work[method] / work["trl_dpo"], 4) for method in methods},
         "generation_tokens_per_s": generation,
         "measured_steps_per_method": len(results["trl_dpo"]["steps"]),
         "model_parameters": parameters,

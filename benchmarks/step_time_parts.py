@@ -116,3 +116,22 @@ def as_text(tokenizer, pairs) -> Dataset:
         for pair in pairs
     ]
     return Dataset.from_list(rows)
+
+
+class PositionCounter:
+    """Token positions that go through a model's forward, per optimizer step: the work a step
+    does whatever it costs. Counts the ``input_ids`` of every call of ``model``'s forward."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.positions = 0
+        model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is not None:
+            self.positions += input_ids.numel()
+
+
+def work_units(policy_positions: float, reference_positions: float) -> float:
+    """A forward and backward is about three forwards' work; a reference forward is one."""
+    return 3 * policy_positions + reference_positions

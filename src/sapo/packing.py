@@ -17,6 +17,7 @@ and log-softmax, large with real vocabularies, run on the scored part only.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,37 +41,46 @@ def common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
     return length
 
 
-def _pack_one(pair: dict[str, Any]) -> dict[str, list]:
+def _pack_one(pair: dict[str, Any]) -> dict[str, Any]:
     """One pair's packed row and, per position, the token it predicts on each side.
 
     Position ``i`` of the packed row predicts the next token of the sequence it belongs to; the
     last prefix position predicts the first token of both tails, so targets come per side.
     A token at sequence position ``t`` is scored when it is a response token and ``t >= 1``
-    (the first token of a sequence has no prediction), as in ``collate_pairs``.
+    (the first token of a sequence has no prediction), as in ``collate_pairs``. Sequence
+    position ``t - 1`` sits at packed position ``t - 1`` while inside the shared prefix and at
+    ``offset + (t - 1 - shared)`` past it, so each side's targets fill at most two contiguous
+    runs of the row: ``targets`` lists them as ``(column, start, tokens)``.
     """
     prompt = list(pair["prompt_ids"])
-    sides = {CHOSEN: prompt + list(pair["chosen_ids"]), REJECTED: prompt + list(pair["rejected_ids"])}
-    shared = common_prefix_length(sides[CHOSEN], sides[REJECTED])
-    tails = {side: sequence[shared:] for side, sequence in sides.items()}
-    ids = sides[CHOSEN][:shared] + tails[CHOSEN] + tails[REJECTED]
-    width = len(ids)
-    row = {
-        "input_ids": ids,
-        "position_ids": list(range(shared))
-        + [shared + i for side in (CHOSEN, REJECTED) for i in range(len(tails[side]))],
-        "segment_ids": [PREFIX] * shared + [CHOSEN] * len(tails[CHOSEN]) + [REJECTED] * len(tails[REJECTED]),
-        "targets": [[0, 0] for _ in range(width)],
-        "target_mask": [[0, 0] for _ in range(width)],
+    sides = (prompt + list(pair["chosen_ids"]), prompt + list(pair["rejected_ids"]))
+    shared = common_prefix_length(*sides)
+    tails = [sequence[shared:] for sequence in sides]
+    first = max(1, len(prompt))  # the first scored sequence position
+    runs = []
+    offset = shared  # where the tail of this side starts in the packed row
+    for column, (sequence, tail) in enumerate(zip(sides, tails)):
+        inside = sequence[first : shared + 1]  # predicted from positions inside the shared prefix
+        if inside:
+            runs.append((column, first - 1, inside))
+        beyond = sequence[max(first, shared + 1) :]  # predicted from positions in this side's tail
+        if beyond:
+            runs.append((column, offset + max(first, shared + 1) - 1 - shared, beyond))
+        offset += len(tail)
+    return {
+        "input_ids": sides[0][:shared] + tails[0] + tails[1],
+        "position_ids": list(range(shared)) + [shared + i for tail in tails for i in range(len(tail))],
+        "segment_ids": [PREFIX] * shared + [CHOSEN] * len(tails[0]) + [REJECTED] * len(tails[1]),
+        "targets": runs,
     }
-    # where the tail of each side starts in the packed row
-    offsets = {CHOSEN: shared, REJECTED: shared + len(tails[CHOSEN])}
-    for column, side in enumerate((CHOSEN, REJECTED)):
-        sequence = sides[side]
-        for t in range(max(1, len(prompt)), len(sequence)):
-            source = t - 1 if t - 1 < shared else offsets[side] + (t - 1 - shared)
-            row["targets"][source][column] = sequence[t]
-            row["target_mask"][source][column] = 1
-    return row
+
+
+def _long_tensor(values: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """A long tensor of ``shape`` from a flat list: through an ``array`` buffer, a third of
+    ``torch.tensor``'s time on a list of Python ints."""
+    if not values:  # frombuffer refuses an empty buffer
+        return torch.zeros(shape, dtype=torch.long)
+    return torch.frombuffer(array("q", values), dtype=torch.long).view(shape)
 
 
 def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -120,11 +130,20 @@ def pack_pairs(
     rows = [_pack_one(pair) for pair in pairs]
     width = max(len(row["input_ids"]) for row in rows)
 
-    def stacked(key: str, fill) -> torch.Tensor:
-        return torch.tensor([row[key] + [fill] * (width - len(row[key])) for row in rows], dtype=torch.long)
+    def stacked(key: str, fill: int) -> torch.Tensor:
+        flat = [token for row in rows for token in row[key] + [fill] * (width - len(row[key]))]
+        return _long_tensor(flat, (len(rows), width))
 
     segment_ids = stacked("segment_ids", PADDING)
-    targets, target_mask = stacked("targets", [0, 0]), stacked("target_mask", [0, 0])
+    # (B, W, 2) flattened: entry (i, w, c) at 2 * (i * W + w) + c
+    targets, target_mask = [0] * (2 * len(rows) * width), [0] * (2 * len(rows) * width)
+    for index, row in enumerate(rows):
+        for column, start, tokens in row["targets"]:
+            first_entry = 2 * (index * width + start) + column
+            entries = slice(first_entry, first_entry + 2 * len(tokens), 2)
+            targets[entries], target_mask[entries] = tokens, [1] * len(tokens)
+    targets = _long_tensor(targets, (len(rows), width, 2))
+    target_mask = _long_tensor(target_mask, (len(rows), width, 2))
     first = first_scored_position(target_mask) if skip_prompt_logits else 0
     return {
         "input_ids": stacked("input_ids", pad_token_id),
