@@ -33,8 +33,8 @@ over all measured steps ("vs trl_dpo": ratio of those medians), and "paired" is 
 rounds of each round's ratio, which a drift in the machine's speed between rounds does not move.
 "work vs trl" is what the step asks of the models, whatever it costs: the token positions
 through the policy (a forward and backward, counted three times) and the reference (once) per
-step, padding included, over TRL's; a step's time ratio can only go below it where TRL spends
-time outside its models. The last line printed is one JSON object.
+step, padding included, over TRL's. Where a step's time is proportional to the positions its
+models process, its time ratio is this one. The last line printed is one JSON object.
 
     python benchmarks/step_time.py            # default setting (about 5 minutes on 2 quiet CPU cores)
     python benchmarks/step_time.py --quick    # a short run to check that it works
