@@ -28,7 +28,8 @@ A step is timed as Trainer's ``get_batch_samples`` call (where SAPO generates, b
 ``on_step_begin``) plus ``on_step_begin`` → ``on_step_end`` (forward, backward, optimizer, and
 SAPO's EMA update and reference sync, whose callback runs before the timer's). The first
 ``--warmup`` steps of every ``train()`` call are skipped. Methods are interleaved over
-``--rounds`` so that a change in background load hits all of them alike; figures are medians
+``--rounds`` so that a change in background load hits all of them alike, in a new order each
+round, so that no method always runs right after the same one; figures are medians
 over all measured steps ("vs trl_dpo": ratio of those medians), and "paired" is the median over
 rounds of each round's ratio, which a drift in the machine's speed between rounds does not move.
 "work vs trl" is what the step asks of the models, whatever it costs: the token positions
@@ -49,6 +50,7 @@ import functools
 import json
 import os
 import platform
+import random
 import statistics
 import tempfile
 import warnings
@@ -175,10 +177,14 @@ def run_method(method, policy, tokenizer, pairs, settings, results):
             meter = GenerationMeter(trainer.segment_generator) if options["generate"] else None
         trainer.remove_callback(PrinterCallback)
         timer = StepTimer(trainer, settings.warmup)
-        counters = {"policy": PositionCounter(trainer.model), "reference": PositionCounter(trainer.ref_model)}
+        counters = {
+            role: PositionCounter(model, tokenizer.pad_token_id)
+            for role, model in (("policy", trainer.model), ("reference", trainer.ref_model))
+        }
         trainer.train()
     for role, counter in counters.items():
         results[method][f"{role}_positions"] += counter.positions / trainer.state.global_step
+        results[method][f"{role}_tokens"] += counter.tokens / trainer.state.global_step
     results[method]["steps"] += timer.steps
     results[method]["round_medians"].append(statistics.median(timer.steps))
     results[method]["windows"] += timer.windows
@@ -257,11 +263,14 @@ def main():
             "generation_seconds": 0.0,
             "policy_positions": 0.0,  # summed over rounds: token positions per step
             "reference_positions": 0.0,
+            "policy_tokens": 0.0,  # the same without padding
+            "reference_tokens": 0.0,
         }
         for method in methods
     }
-    for _ in range(settings.rounds):
-        for method in methods:
+    for round_index in range(settings.rounds):
+        # a new order each round (fixed by the round's number), so no method always follows the same one
+        for method in random.Random(round_index).sample(methods, len(methods)):
             run_method(method, policy, tokenizer, pairs, settings, results)
 
     def median_ms(method, key="steps"):
@@ -281,13 +290,17 @@ def main():
         if results[method]["reference_reuse"]
     }
 
-    positions = {  # per step, averaged over rounds
-        method: {
-            role: results[method][f"{role}_positions"] / settings.rounds for role in ("policy", "reference")
+    def per_step(kind):  # token positions per step (kind "positions") or non-padding tokens ("tokens")
+        return {
+            method: {
+                role: results[method][f"{role}_{kind}"] / settings.rounds for role in ("policy", "reference")
+            }
+            for method in methods
         }
-        for method in methods
-    }
+
+    positions, tokens = per_step("positions"), per_step("tokens")
     work = {method: work_units(counts["policy"], counts["reference"]) for method, counts in positions.items()}
+    unpadded_work = {method: work_units(c["policy"], c["reference"]) for method, c in tokens.items()}
 
     def ratio(method, baseline="trl_dpo"):
         both = method in steps and baseline in steps
@@ -329,6 +342,10 @@ def main():
             f"{work[method] / work['trl_dpo']:.3f}",
         )
         print(f"{method:<24}" + "".join(f"{cell:>14}" for cell in cells))
+    print(
+        "work without padding (vs trl_dpo): "
+        + ", ".join(f"{method} {unpadded_work[method] / work['trl_dpo']:.3f}" for method in methods)
+    )
     for method, tokens_per_second in generation.items():
         print(f"generation ({method}): {tokens_per_second:.0f} segment tokens/s")
     comparisons = {  # each optimization on its own: the step with it over the step without it
@@ -358,6 +375,8 @@ def main():
             m: {r: round(v, 1) for r, v in counts.items()} for m, counts in positions.items()
         },
         "work_vs_trl_dpo": {method: round(work[method] / work["trl_dpo"], 4) for method in methods},
+        "tokens_per_step": {m: {r: round(v, 1) for r, v in counts.items()} for m, counts in tokens.items()},
+        "unpadded_work_vs_trl_dpo": {m: round(unpadded_work[m] / work["trl_dpo"], 4) for m in methods},
         "generation_tokens_per_s": generation,
         "measured_steps_per_method": len(results["trl_dpo"]["steps"]),
         "model_parameters": parameters,

@@ -119,17 +119,20 @@ def as_text(tokenizer, pairs) -> Dataset:
 
 
 class PositionCounter:
-    """Token positions that go through a model's forward, per optimizer step: the work a step
-    does whatever it costs. Counts the ``input_ids`` of every call of ``model``'s forward."""
+    """Token positions that go through a model's forward: the work a step does, whatever it
+    costs. Counts the ``input_ids`` of every call of ``model``'s forward, and apart the ones
+    that are not padding (``pad_token_id``, which the benchmark's texts never contain)."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.positions = 0
+    def __init__(self, model: torch.nn.Module, pad_token_id: int):
+        self.positions, self.tokens = 0, 0
+        self.pad_token_id = pad_token_id
         model.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is not None:
             self.positions += input_ids.numel()
+            self.tokens += int((input_ids != self.pad_token_id).sum())
 
 
 def work_units(policy_positions: float, reference_positions: float) -> float:
