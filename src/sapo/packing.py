@@ -42,7 +42,7 @@ def common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
 
 
 def _pack_one(pair: dict[str, Any]) -> dict[str, Any]:
-    """One pair's packed row and, per position, the token it predicts on each side.
+    """One pair's packed row and, per side, the runs of positions whose predictions are scored.
 
     Position ``i`` of the packed row predicts the next token of the sequence it belongs to; the
     last prefix position predicts the first token of both tails, so targets come per side.
@@ -63,9 +63,9 @@ def _pack_one(pair: dict[str, Any]) -> dict[str, Any]:
         inside = sequence[first : shared + 1]  # predicted from positions inside the shared prefix
         if inside:
             runs.append((column, first - 1, inside))
-        beyond = sequence[max(first, shared + 1) :]  # predicted from positions in this side's tail
-        if beyond:
-            runs.append((column, offset + max(first, shared + 1) - 1 - shared, beyond))
+        after = max(first, shared + 1)  # the first token predicted from a position in this side's tail
+        if sequence[after:]:
+            runs.append((column, offset + (after - 1 - shared), sequence[after:]))
         offset += len(tail)
     return {
         "input_ids": sides[0][:shared] + tails[0] + tails[1],
