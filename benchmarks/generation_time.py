@@ -1,6 +1,6 @@
 """Time SAPO's segment generation alone, with the options transformers offers, on the benchmark's model.
 
-One call samples up to ``--segment-length`` tokens for each of ``--batch-size`` rows after
+One call samples up to ``--segment_length`` tokens for each of ``--batch_size`` rows after
 ``prompt + gold[:cut]`` prefixes drawn as in ``step_time.py`` (prompt 64, cut uniform in [0, 32]),
 through ``SegmentGenerator.generate`` with a stop id the model never samples, so every call runs to
 the full length. Variants, interleaved over ``--repeats`` calls each, median wall-clock:
@@ -35,8 +35,8 @@ import torch
 import transformers
 from transformers import CompileConfig
 
+from sapo.builtin.tiny import char_tokenizer, tiny_llama
 from sapo.generation import SegmentGenerator
-from sapo.tiny import char_tokenizer, tiny_llama
 
 
 def prefixes(tokenizer, count: int, prompt_length: int, max_cut: int, seed: int = 0) -> list[list[int]]:
@@ -49,7 +49,7 @@ def prefixes(tokenizer, count: int, prompt_length: int, max_cut: int, seed: int 
 
 def with_generation_options(generator: SegmentGenerator, **options) -> SegmentGenerator:
     """``generator`` whose ``generate`` calls pass ``options`` on to transformers' GenerationConfig."""
-    build = generator._generation_config
+    build = generator.generation_config
 
     def configured(max_new_tokens):
         config = build(max_new_tokens)
@@ -57,7 +57,7 @@ def with_generation_options(generator: SegmentGenerator, **options) -> SegmentGe
             setattr(config, name, value)
         return config
 
-    generator._generation_config = configured
+    generator.generation_config = configured
     return generator
 
 
@@ -84,9 +84,9 @@ def variants(tokenizer, compile_forward: bool) -> dict[str, SegmentGenerator]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--prompt-length", type=int, default=64)
-    parser.add_argument("--segment-length", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--prompt_length", type=int, default=64)
+    parser.add_argument("--segment_length", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--compile", action="store_true", help="add the compiled static-cache variant")

@@ -28,7 +28,7 @@ extra memory appears.
 Workers run with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then maps every allocation above 64 KiB
 on its own and unmaps it when freed, so the peak follows the tensors alive at that moment. With
 glibc's adaptive default the heap keeps freed blocks and the peak of the same run varies by tens
-of MiB (``--malloc-default`` measures that way). Workers use one torch thread by default: on
+of MiB (``--malloc_default`` measures that way). Workers use one torch thread by default: on
 busy shared cores, two spinning OpenMP threads slowed the small kernels of generation 6-20x;
 memory does not depend on it.
 
@@ -36,8 +36,8 @@ Usage::
 
     python benchmarks/memory.py                      # ~49M-parameter model, batch 4, 3 steps
     python benchmarks/memory.py --quick              # ~3M-parameter model, for a fast check
-    python benchmarks/memory.py --batch-size 8       # more activations per step
-    python benchmarks/memory.py --vocab-size 32000 --configs lora_dpo,lora_sapo,lora_sapo_padded
+    python benchmarks/memory.py --batch_size 8       # more activations per step
+    python benchmarks/memory.py --vocab_size 32000 --configs lora_dpo,lora_sapo,lora_sapo_padded
                                                      # a real vocabulary: the cost of the LM head
 
 The last line printed is one JSON object with the ratios, the peaks and the settings.
@@ -104,7 +104,7 @@ def code_version() -> dict:
     import hashlib
 
     import sapo
-    import sapo.tiny  # noqa: F401
+    import sapo.builtin.tiny  # noqa: F401
     import sapo.trainer  # noqa: F401
 
     digest = hashlib.sha256()
@@ -138,7 +138,7 @@ def ratio(numerator: float, denominator: float) -> float | None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a ~3M-parameter model, batch 4, 2 steps")
-    parser.add_argument("--batch-size", type=int, help="per-device batch of pairs (default 4)")
+    parser.add_argument("--batch_size", type=int, help="per-device batch of pairs (default 4)")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default 3; 2 with --quick)")
     parser.add_argument(
         "--repeats", type=int, default=1, help="runs per configuration; the median peak is used"
@@ -151,13 +151,13 @@ def main(argv=None) -> None:
         "generation 6-20x; 0 keeps torch's default)",
     )
     parser.add_argument(
-        "--malloc-default",
+        "--malloc_default",
         action="store_true",
         help="leave glibc's allocator as it is (default: MALLOC_MMAP_THRESHOLD_=65536 in the workers, so "
         "that the peak follows live memory; the default allocator adds run-to-run noise of tens of MiB)",
     )
     parser.add_argument(
-        "--vocab-size",
+        "--vocab_size",
         type=int,
         default=0,
         help="output vocabulary of the model (default 0: the char tokenizer's 102 tokens); a real "

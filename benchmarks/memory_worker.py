@@ -103,7 +103,7 @@ def build_rows(
 
 
 def build_model(tokenizer, settings: dict):
-    from sapo.tiny import tiny_llama
+    from sapo.builtin.tiny import tiny_llama
 
     overrides = dict(settings["model"])
     if settings.get("vocab_size"):
@@ -126,28 +126,14 @@ def lora_config(settings: dict):
 
 
 def common_training_args(settings: dict, output_dir: str) -> dict:
-    return dict(
-        output_dir=output_dir,
-        per_device_train_batch_size=settings["batch_size"],
-        gradient_accumulation_steps=1,
-        learning_rate=settings["learning_rate"],
-        optim="adamw_torch",
-        lr_scheduler_type="constant",
-        max_steps=settings["steps"],
-        logging_steps=settings["steps"],
-        beta=0.1,
-        max_length=settings["max_length"],
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        seed=settings["seed"],
-        data_seed=settings["seed"],
-        disable_tqdm=True,
+    from sapo.builtin.settings import tiny_run_args
+
+    return tiny_run_args(
+        output_dir, settings["steps"], settings["batch_size"], settings["learning_rate"], settings["seed"],
+        optim="adamw_torch", lr_scheduler_type="constant", logging_steps=settings["steps"], beta=0.1,
+        max_length=settings["max_length"], gradient_checkpointing=False, data_seed=settings["seed"],
         dataloader_num_workers=0,
-    )
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +152,7 @@ def run_worker(config: str, settings: dict) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from sapo import SAPOConfig, SAPOTrainer
-    from sapo.tiny import char_tokenizer
+    from sapo.builtin.tiny import char_tokenizer
 
     phases = PhaseLog()
     phases.mark("imports")
@@ -188,6 +174,12 @@ def run_worker(config: str, settings: dict) -> dict:
         phases.mark("end")
         result.update(peak_mib=peak_rss_mib(), phases=phases.marks, trainable_parameters=0, wall_s=0.0)
         return result
+
+    class MarkedSAPOTrainer(SAPOTrainer):
+        def generate_pairs(self, rows, step):  # instrumentation only: peaks around generation
+            phases.mark(f"step_{step + 1}_before_generation")
+            super().generate_pairs(rows, step)
+            phases.mark(f"step_{step + 1}_after_generation")
 
     class StepMarks(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -222,27 +214,16 @@ def run_worker(config: str, settings: dict) -> dict:
                 sample_every_n_steps=1,
                 ref_model_sync_steps=settings["ref_model_sync_steps"],
                 max_prompt_length=settings["max_length"] // 2,
+                pair_scoring="padded" if config.endswith("_padded") else "auto",
             )
-            trainer = SAPOTrainer(
+            trainer = MarkedSAPOTrainer(
                 model=model,
                 args=args,
                 train_dataset=sft_dataset,
                 processing_class=tokenizer,
                 peft_config=lora_config(settings) if lora else None,
             )
-            if config.endswith("_padded"):
-                force_padded_scoring(trainer, tokenizer.pad_token_id)
-            score = getattr(trainer, "_score", None)
-            scoring = "packed" if "packed" in getattr(score, "__name__", "") else "padded"
-            generate = getattr(trainer, "_generate_pairs", None)
-            if generate is not None:
-
-                def generate_and_mark(rows, step):  # instrumentation only: peaks around generation
-                    phases.mark(f"step_{step + 1}_before_generation")
-                    generate(rows, step)
-                    phases.mark(f"step_{step + 1}_after_generation")
-
-                trainer._generate_pairs = generate_and_mark
+            scoring = "packed" if trainer.scorer.packed else "padded"
         phases.mark("trainer_built")
         trainer.add_callback(StepMarks())
         trainer.train()
@@ -256,21 +237,6 @@ def run_worker(config: str, settings: dict) -> dict:
         sapo_scoring=scoring,
     )
     return result
-
-
-def force_padded_scoring(trainer, pad_token_id: int) -> None:
-    """Make ``trainer`` score pairs as two padded rows, its path for attention implementations that
-    take no 4D mask, although this model's sdpa attention could take packed rows."""
-    import functools
-
-    from sapo.logprobs import collate_pairs, completion_logps
-
-    if not (hasattr(trainer, "_collate") and hasattr(trainer, "_score")):
-        raise SystemExit(
-            "error: this SAPOTrainer has no _collate/_score to set; run without the _padded configs"
-        )
-    trainer._collate = functools.partial(collate_pairs, pad_token_id=pad_token_id)
-    trainer._score = completion_logps
 
 
 if __name__ == "__main__":

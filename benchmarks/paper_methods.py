@@ -7,7 +7,7 @@ where its rejected answers come from:
 - ``SFT``: the warm start itself, not trained further;
 - ``continued SFT``: more supervised steps on the gold answers (``trl.SFTTrainer``);
 - ``SPIN``: two SPIN iterations of half the steps each; each iteration the model answers every
-  training prompt greedily and is trained with DPO on gold against those answers (``sapo.spin``);
+  training prompt greedily and is trained with DPO on gold against those answers (``sapo.baselines.spin``);
 - ``DPO`` / ``ORPO``: ``trl.DPOTrainer`` / ``trl.experimental.orpo.ORPOTrainer`` on a fixed paired
   dataset, chosen = gold, rejected = one answer sampled from the warm start before training;
 - ``SAPO-DPO`` / ``SAPO-ORPO``: ``SAPOTrainer``, rejected = gold with a segment rewritten by the
@@ -31,7 +31,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from sapo.tasks import MAX_LENGTH, MAX_PROMPT_LENGTH
+from sapo.builtin.tasks import MAX_LENGTH, MAX_PROMPT_LENGTH
 
 # the learning-rate family each method's grid is taken from
 FAMILY = {
@@ -86,14 +86,14 @@ def run_job(job: Job) -> dict:
 
     disable_progress_bar()
 
-    from sapo.arguments import ModelArguments
-    from sapo.loading import load_model, load_tokenizer
-    from sapo.tasks import task_accuracy, task_dataset
+    from sapo.builtin.tasks import task_accuracy, task_dataset
+    from sapo.cli.arguments import ModelArguments
+    from sapo.cli.loading import load_model, load_tokenizer
 
     model_args = ModelArguments(model_name_or_path=job.warm_start)
     tokenizer = load_tokenizer(model_args)
     model = load_model(model_args, tokenizer)
-    # prompts the warm start never saw (it learned its own SFT split by heart; see sapo.tasks)
+    # prompts the warm start never saw (it learned its own SFT split by heart; see sapo.builtin.tasks)
     train = training_rows(task_dataset(job.task, "preference"), job.steps * job.batch_size, job.seed)
 
     started = time.perf_counter()
@@ -125,21 +125,10 @@ def training_rows(dataset, count: int, seed: int):
 
 
 def common_settings(job: Job) -> dict:
-    return dict(
-        output_dir=job.output_dir,
-        max_steps=job.steps,
-        per_device_train_batch_size=job.batch_size,
-        learning_rate=job.learning_rate,
-        lr_scheduler_type="linear",
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        logging_steps=10,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        disable_tqdm=True,
-        seed=job.seed,
+    from sapo.builtin.settings import tiny_run_args
+
+    return tiny_run_args(
+        job.output_dir, job.steps, job.batch_size, job.learning_rate, job.seed, logging_steps=10
     )
 
 
@@ -153,7 +142,7 @@ def train_sft(job: Job, model, tokenizer, train):
 
 
 def train_spin(job: Job, model, tokenizer, train):
-    from sapo.spin import SPINConfig, run_spin
+    from sapo.baselines.spin import SPINConfig, run_spin
 
     settings = common_settings(job)
     settings["max_steps"] = job.steps // 2
@@ -182,12 +171,13 @@ def sampled_pairs(model, tokenizer, train, seed: int, attempts: int = 4):
 
     from sapo.data import GOLD_IDS, PROMPT_IDS, prepare_dataset
     from sapo.generation import SegmentGenerator
+    from sapo.policy import eos_token_ids
 
     rows = prepare_dataset(train, tokenizer, MAX_LENGTH, MAX_PROMPT_LENGTH)
     if len(rows) != len(train):  # pairs are matched to ``train`` rows by position
         raise ValueError(f"{len(train) - len(rows)} training rows do not fit max_length={MAX_LENGTH}")
     all_prompts, golds = rows[PROMPT_IDS], rows[GOLD_IDS]  # each column read once, as lists
-    sampler = SegmentGenerator(tokenizer.pad_token_id, [tokenizer.eos_token_id], seed=seed)
+    sampler = SegmentGenerator(tokenizer.pad_token_id, eos_token_ids(model, tokenizer), seed=seed)
     rejected: dict[int, list[int]] = {}
     pending = list(range(len(rows)))
     generated = 0

@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.grid = GRIDS[scale]
     if args.warm_start and len(args.tasks) != 1:
         parser.error("--warm_start goes with exactly one --tasks entry")
-    from sapo.loading import BUILTIN_CHECKPOINTS
+    from sapo.builtin import BUILTIN_CHECKPOINTS
 
     for task in [] if args.warm_start else args.tasks:
         if f"tiny-{task}-sft" not in BUILTIN_CHECKPOINTS:

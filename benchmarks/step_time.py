@@ -6,23 +6,20 @@ Methods, each run through its trainer's real ``train()`` loop:
 - ``sapo_update``: a SAPOTrainer step without generation (buffer pre-filled with the same pairs),
   scoring each pair in one packed row (``sapo.packing``, the trainer's choice under ``sdpa``);
 - ``sapo_update_unpacked``: the same, scoring chosen and rejected as two padded rows
-  (``sapo.logprobs``), to show what packing buys;
-- ``sapo_update_all_logits``: the packed update step computing logits at every position, prompt
-  included, to show what skipping them buys (it grows with the vocabulary: ``--vocab-size``);
-- ``sapo_update_every_draw``: the update step scoring every draw, a pair drawn twice in two
-  rows (the trainer scores each distinct pair once and counts its loss as often as drawn);
+  (``pair_scoring="padded"``), to show what packing buys;
 - ``sapo_total``: the whole SAPO step, the EMA model sampling ``segment_length`` tokens per row
   with SAPO's sampling loop (``sapo.decoding``);
 - ``sapo_total_unpacked``: the whole step, unpacked;
-- ``sapo_total_every_draw``: the whole step, scoring every draw;
-- ``sapo_total_generate``: the whole step, sampling with transformers' ``generate``;
+- ``sapo_total_generate``: the whole step, sampling with transformers' ``generate``
+  (``generation_backend="transformers"``);
 - ``sapo_total_gen_1_thread``: the whole step, generating with one torch thread
-  (``SegmentGenerator.num_threads``).
+  (``generation_num_threads=1``).
 
 ``benchmarks/generation_time.py`` times the generation options (static cache, compile, ...) alone.
 
-Each SAPO method sets the trainer's collate and scoring functions itself, so the comparison does
-not depend on which one the trainer picks by default.
+Each SAPO method sets ``pair_scoring`` itself, so the comparison does not depend on which layout
+the trainer picks by default. The update-only methods use a trainer whose ``generate_pairs`` does
+nothing, on a buffer filled with the same pairs.
 
 A step is timed as Trainer's ``get_batch_samples`` call (where SAPO generates, before
 ``on_step_begin``) plus ``on_step_begin`` → ``on_step_end`` (forward, backward, optimizer, and
@@ -39,14 +36,13 @@ models process, its time ratio is this one. The last line printed is one JSON ob
 
     python benchmarks/step_time.py            # default setting (about 5 minutes on 2 quiet CPU cores)
     python benchmarks/step_time.py --quick    # a short run to check that it works
-    python benchmarks/step_time.py --methods sapo_update sapo_update_all_logits --vocab-size 32000
+    python benchmarks/step_time.py --methods sapo_update sapo_update_unpacked --vocab_size 32000
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import os
 import platform
@@ -64,53 +60,35 @@ from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
 from sapo import SAPOConfig, SAPOTrainer
-from sapo.logprobs import collate_pairs, completion_logps
-from sapo.packing import pack_pairs, packed_completion_logps
-from sapo.tiny import char_tokenizer, tiny_llama
+from sapo.builtin.settings import tiny_run_args
+from sapo.builtin.tiny import char_tokenizer, tiny_llama
 
-# SAPO methods: what differs from the trainer's defaults (packed scoring, distinct draws scored
-# once, SAPO's sampling loop, torch's threads)
+# SAPO methods: what differs from the trainer's defaults (packed scoring, SAPO's sampling loop,
+# torch's threads)
 METHODS = {
     "trl_dpo": None,
     "sapo_update": dict(generate=False),
-    "sapo_update_unpacked": dict(generate=False, scoring="unpacked"),
-    "sapo_update_all_logits": dict(generate=False, scoring="packed_all_logits"),
-    "sapo_update_every_draw": dict(generate=False, every_draw=True),
+    "sapo_update_unpacked": dict(generate=False, pair_scoring="padded"),
     "sapo_total": dict(generate=True),
-    "sapo_total_unpacked": dict(generate=True, scoring="unpacked"),
-    "sapo_total_every_draw": dict(generate=True, every_draw=True),
-    "sapo_total_generate": dict(generate=True, backend="transformers"),
-    "sapo_total_gen_1_thread": dict(generate=True, threads=1),
-}
-SCORING = {  # (collate, score) for the policy and the reference
-    "packed": (pack_pairs, packed_completion_logps),
-    "packed_all_logits": (functools.partial(pack_pairs, skip_prompt_logits=False), packed_completion_logps),
-    "unpacked": (collate_pairs, completion_logps),
+    "sapo_total_unpacked": dict(generate=True, pair_scoring="padded"),
+    "sapo_total_generate": dict(generate=True, generation_backend="transformers"),
+    "sapo_total_gen_1_thread": dict(generate=True, generation_num_threads=1),
 }
 
 
-def every_draw(pairs):
-    """Score every draw, a pair drawn twice in two rows (what the trainer did before)."""
-    return list(pairs), torch.arange(len(pairs))
+class UpdateOnlyTrainer(SAPOTrainer):
+    """A SAPOTrainer that generates nothing: it trains on the buffer the benchmark filled."""
+
+    def generate_pairs(self, rows, step):
+        pass
 
 
 def common_args(output_dir: str, batch_size: int, max_steps: int) -> dict:
-    return dict(
-        output_dir=output_dir,
-        per_device_train_batch_size=batch_size,
-        max_steps=max_steps,
-        learning_rate=1e-5,
-        optim="adamw_torch",
-        logging_steps=10**6,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        activation_checkpointing=False,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
-    )
+    # logging at every step: the timer reads the reference reuse from each step's log
+    return tiny_run_args(
+        output_dir, max_steps, batch_size, 1e-5, optim="adamw_torch", logging_steps=1,
+        activation_checkpointing=False, dataloader_num_workers=0,
+    )  # fmt: skip
 
 
 def build_trl(policy, tokenizer, pairs, settings, output_dir):
@@ -133,7 +111,8 @@ def build_trl(policy, tokenizer, pairs, settings, output_dir):
     return trainer
 
 
-def build_sapo(policy, tokenizer, pairs, settings, output_dir, generate: bool):
+def build_sapo(policy, tokenizer, pairs, settings, output_dir, options: dict):
+    generate = options["generate"]
     args = SAPOConfig(
         **common_args(output_dir, settings.batch_size, settings.warmup + settings.steps),
         loss_type="dpo",
@@ -142,9 +121,10 @@ def build_sapo(policy, tokenizer, pairs, settings, output_dir, generate: bool):
         sample_every_n_steps=1,
         max_length=settings.prompt_length + settings.completion_length,
         max_prompt_length=settings.prompt_length,
+        **{name: value for name, value in options.items() if name != "generate"},
     )
     rows = as_text(tokenizer, pairs).rename_column("chosen", "completion").remove_columns("rejected")
-    trainer = SAPOTrainer(
+    trainer = (SAPOTrainer if generate else UpdateOnlyTrainer)(
         model=copy.deepcopy(policy),
         ref_model=copy.deepcopy(policy),
         args=args,
@@ -156,7 +136,6 @@ def build_sapo(policy, tokenizer, pairs, settings, output_dir, generate: bool):
     if not generate:
         for pair in pairs:
             trainer.buffer.add(dict(pair))
-        trainer._generate_pairs = lambda rows, step: None
     return trainer
 
 
@@ -167,13 +146,7 @@ def run_method(method, policy, tokenizer, pairs, settings, results):
             trainer = build_trl(policy, tokenizer, pairs, settings, output_dir)
         else:
             options = METHODS[method]
-            trainer = build_sapo(policy, tokenizer, pairs, settings, output_dir, options["generate"])
-            collate, trainer._score = SCORING[options.get("scoring", "packed")]
-            trainer._collate = functools.partial(collate, pad_token_id=tokenizer.pad_token_id)
-            if options.get("every_draw"):
-                trainer._distinct = every_draw
-            trainer.segment_generator.num_threads = options.get("threads")
-            trainer.segment_generator.backend = options.get("backend", "auto")
+            trainer = build_sapo(policy, tokenizer, pairs, settings, output_dir, options)
             meter = GenerationMeter(trainer.segment_generator) if options["generate"] else None
         trainer.remove_callback(PrinterCallback)
         timer = StepTimer(trainer, settings.warmup)
@@ -201,16 +174,16 @@ def parse_args():
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds over all methods")
     parser.add_argument("--steps", type=int, default=8, help="measured steps per method and round")
     parser.add_argument("--warmup", type=int, default=2, help="steps skipped at the start of each run")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--prompt-length", type=int, default=64)
-    parser.add_argument("--completion-length", type=int, default=64)
-    parser.add_argument("--segment-length", type=int, default=32)
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--intermediate-size", type=int, default=1024)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--prompt_length", type=int, default=64)
+    parser.add_argument("--completion_length", type=int, default=64)
+    parser.add_argument("--segment_length", type=int, default=32)
+    parser.add_argument("--hidden_size", type=int, default=256)
+    parser.add_argument("--intermediate_size", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument(
-        "--vocab-size", type=int, help="model vocabulary (default: the tokenizer's 102); ids stay below 102"
+        "--vocab_size", type=int, help="model vocabulary (default: the tokenizer's 102); ids stay below 102"
     )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument(
@@ -342,10 +315,7 @@ def main():
     comparisons = {  # each optimization on its own: the step with it over the step without it
         "packed_vs_unpacked_update": ratio("sapo_update", "sapo_update_unpacked"),
         "packed_vs_unpacked_total": ratio("sapo_total", "sapo_total_unpacked"),
-        "prompt_logits_skipped_vs_all_update": ratio("sapo_update", "sapo_update_all_logits"),
         "generation_1_thread_vs_default_total": ratio("sapo_total_gen_1_thread", "sapo_total"),
-        "distinct_draws_vs_every_draw_update": ratio("sapo_update", "sapo_update_every_draw"),
-        "distinct_draws_vs_every_draw_total": ratio("sapo_total", "sapo_total_every_draw"),
         "sapo_loop_vs_generate_total": ratio("sapo_total", "sapo_total_generate"),
     }
     for name, value in comparisons.items():

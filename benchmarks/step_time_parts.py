@@ -12,7 +12,6 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from sapo import SAPOTrainer
 from sapo.segments import sample_cut, splice
 
 TEXT_CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
@@ -57,8 +56,11 @@ class StepTimer(TrainerCallback):
             self.windows.append(wall)
             self.steps.append(self.fetch[0] + wall)
             self.cpu_steps.append(self.fetch[1] + cpu)
-            if isinstance(self.trainer, SAPOTrainer):  # its metrics pile up until the next log
-                self.reference_reuse.append(self.trainer._metrics["sapo/reference_reuse"][-1])
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # SAPO logs the share of reused reference log-probs; the benchmark logs every step
+        if state.global_step > self.warmup and logs and "sapo/reference_reuse" in logs:
+            self.reference_reuse.append(logs["sapo/reference_reuse"])
 
 
 class GenerationMeter:

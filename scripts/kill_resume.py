@@ -35,8 +35,8 @@ def child(output_dir: str, max_steps: int, loss_type: str) -> None:
     from datasets import Dataset
 
     from sapo import SAPOConfig, SAPOTrainer
-    from sapo.checkpoint import resolve
-    from sapo.tiny import char_tokenizer, tiny_llama
+    from sapo.builtin.tiny import char_tokenizer, tiny_llama
+    from sapo.checkpoints import resolve
 
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
@@ -109,7 +109,7 @@ def run_child(output_dir: Path, max_steps: int, loss_type: str, kill_after: floa
 
 def newest_complete(output_dir: Path) -> tuple[int | None, bool]:
     """Newest complete checkpoint step, and whether every checkpoint-* folder is complete."""
-    from sapo.checkpoint import is_complete
+    from sapo.checkpoints import is_complete
 
     folders = list(output_dir.glob("checkpoint-*")) if output_dir.exists() else []
     complete = [int(p.name.split("-")[1]) for p in folders if is_complete(p)]
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--steps", type=int, default=1500, help="long enough that every kill lands mid-run")
     parser.add_argument("--loss", default="dpo", choices=["dpo", "orpo"])
-    parser.add_argument("--max-wait", type=float, default=4.0, help="longest wait before a kill, in seconds")
+    parser.add_argument("--max_wait", type=float, default=4.0, help="longest wait before a kill, in seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

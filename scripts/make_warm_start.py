@@ -4,7 +4,7 @@
 
 Runs `sapo sft --config recipes/warm-start/tiny-<task>-sft.yaml` (other flags are passed on to
 it), scores every saved checkpoint by greedy exact match on the task's validation split, and
-prints the curve. `--install` then copies the final weights into src/sapo/assets/tiny-<task>-sft,
+prints the curve. `--install` then copies the final weights into src/sapo/builtin/assets/tiny-<task>-sft,
 the built-in model `builtin:tiny-<task>-sft`. The last line printed is a JSON object.
 
 Measure other budgets with e.g. `--max_steps 12000` (the cosine schedule then decays over the
@@ -22,10 +22,10 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
+from sapo.builtin import builtin_name, checkpoint_path
+from sapo.builtin.tasks import task_accuracy
+from sapo.builtin.tiny import char_tokenizer
 from sapo.cli import main as sapo
-from sapo.loading import builtin_name, checkpoint_path
-from sapo.tasks import task_accuracy
-from sapo.tiny import char_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes" / "warm-start"

@@ -5,7 +5,7 @@ import random
 import pytest
 from datasets import Dataset
 
-from sapo.tiny import char_tokenizer, tiny_llama
+from sapo.builtin.tiny import char_tokenizer, tiny_llama
 
 
 @pytest.fixture(scope="session")

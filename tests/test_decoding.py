@@ -12,10 +12,10 @@ from torch.distributed.fsdp import FSDPModule
 from transformers import MistralConfig, MistralForCausalLM
 
 from sapo import SAPOConfig
+from sapo.builtin.tiny import char_tokenizer, tiny_llama
 from sapo.decoding import sampling_processors, supports_cached_loop
 from sapo.generation import SegmentGenerator
 from sapo.packing import mask_for, supports_packing, uses_fsdp
-from sapo.tiny import char_tokenizer, tiny_llama
 
 TOKENIZER = char_tokenizer()
 PAD, EOS = TOKENIZER.pad_token_id, TOKENIZER.eos_token_id

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from sapo.builtin.tiny import char_tokenizer, tiny_llama
 from sapo.ema import EMAModel
-from sapo.tiny import char_tokenizer, tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import random
 import pytest
 import torch
 
+from sapo.builtin.tiny import tiny_llama
 from sapo.config import GENERATION_BACKENDS
 from sapo.generation import SegmentGenerator
-from sapo.tiny import tiny_llama
 
 BACKEND = {"name": "auto"}
 

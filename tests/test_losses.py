@@ -8,9 +8,9 @@ import pytest
 import torch
 from datasets import Dataset
 
-from sapo.logprobs import collate_pairs, completion_logps
+from sapo.builtin.tiny import tiny_llama
 from sapo.losses import AVERAGE_LOGP_CEILING, dpo_loss, log1mexp, orpo_loss
-from sapo.tiny import tiny_llama
+from sapo.scoring import collate_pairs, completion_logps
 
 
 def t(*values, dtype=torch.float32, requires_grad=False):

@@ -2,17 +2,19 @@
 drawn, with the loss, gradients and metrics of scoring every draw."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from test_trainer import make_args
 
+import sapo.trainer
 from sapo import SAPOTrainer
-from sapo.logprobs import collate_pairs, completion_logps
+from sapo.builtin.tiny import char_tokenizer, tiny_llama
 from sapo.objective import as_drawn, distinct_pairs, preference_objective
 from sapo.packing import pack_pairs, packed_completion_logps
+from sapo.scoring import collate_pairs, completion_logps
 from sapo.segments import splice
-from sapo.tiny import char_tokenizer, tiny_llama
 
 TOKENIZER = char_tokenizer()
 PAD, EOS = TOKENIZER.pad_token_id, TOKENIZER.eos_token_id
@@ -84,7 +86,9 @@ def test_without_an_index_rows_come_back_as_scored():
         assert torch.equal(a, b)
 
 
-def test_trainer_steps_equal_scoring_every_draw(tmp_path, tokenizer, tiny_model, addition_dataset):
+def test_trainer_steps_equal_scoring_every_draw(
+    tmp_path, tokenizer, tiny_model, addition_dataset, monkeypatch
+):
     """A small buffer makes repeated draws common; training is the same either way."""
 
     def run(name, every_draw):
@@ -93,10 +97,14 @@ def test_trainer_steps_equal_scoring_every_draw(tmp_path, tokenizer, tiny_model,
         trainer = SAPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
         rows = []  # rows of each scored batch
         if every_draw:
-            trainer._distinct = lambda pairs: (list(pairs), torch.arange(len(pairs)))
-        scored = trainer._collate
-        trainer._collate = lambda pairs: rows.append(len(pairs)) or scored(pairs)
+            monkeypatch.setattr(
+                sapo.trainer, "distinct_pairs", lambda pairs: (list(pairs), torch.arange(len(pairs)))
+            )
+        scored = trainer.scorer.collate
+        counted = lambda pairs: rows.append(len(pairs)) or scored(pairs)  # noqa: E731
+        trainer.scorer = dataclasses.replace(trainer.scorer, collate=counted)
         trainer.train()
+        monkeypatch.undo()
         return trainer, rows
 
     once, rows_once = run("once", every_draw=False)

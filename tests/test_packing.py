@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sapo.logprobs import collate_pairs, completion_logps
+from sapo.builtin.tiny import char_tokenizer, tiny_llama
 from sapo.losses import dpo_loss
 from sapo.packing import (
     CHOSEN,
@@ -19,8 +19,8 @@ from sapo.packing import (
     packed_completion_logps,
     supports_packing,
 )
+from sapo.scoring import collate_pairs, completion_logps
 from sapo.segments import splice
-from sapo.tiny import char_tokenizer, tiny_llama
 
 TOKENIZER = char_tokenizer()
 PAD, EOS = TOKENIZER.pad_token_id, TOKENIZER.eos_token_id

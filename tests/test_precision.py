@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from test_adapters import lora
+from test_lora import lora
 from test_trainer import make_args
 
 from sapo import SAPOTrainer
-from sapo.tiny import tiny_llama
+from sapo.builtin.tiny import tiny_llama
 
 
 @pytest.mark.parametrize("use_lora", [False, True])

@@ -6,8 +6,8 @@ import pytest
 from trl import SFTConfig
 
 from sapo import SAPOConfig
-from sapo.arguments import ArgumentParser, DataArguments, ModelArguments
-from sapo.demo import DemoArguments
+from sapo.cli.arguments import ArgumentParser, DataArguments, ModelArguments
+from sapo.cli.demo import DemoArguments
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 COMMAND_OF = {
@@ -103,8 +103,8 @@ def test_lora_variant_keeps_the_global_batch_on_one_gpu():
 
 
 def test_chat_template_renders_the_prompt_as_a_prefix():
+    from sapo.builtin.tiny import char_tokenizer
     from sapo.data import tokenize_row
-    from sapo.tiny import char_tokenizer
 
     _, model_args, _ = load("llama-3-8b/sapo-orpo.yaml")
     tokenizer = char_tokenizer()  # stands in for the Llama tokenizer: same template, EOS <|end|>

@@ -9,9 +9,9 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from sapo import SAPOConfig, SAPOTrainer
+from sapo.builtin.tiny import tiny_llama
 from sapo.data import prepare_dataset
 from sapo.evaluation import preference_margin
-from sapo.tiny import tiny_llama
 
 DPO_METRICS = {
     "rewards/chosen",
@@ -260,7 +260,7 @@ def test_same_seed_same_run(tmp_path, tokenizer, addition_dataset):
 
 
 def test_reference_logps_are_reused_until_the_next_sync(tmp_path, tokenizer, tiny_model, addition_dataset):
-    from sapo.logprobs import collate_pairs, completion_logps
+    from sapo.scoring import collate_pairs, completion_logps
 
     trainer = SAPOTrainer(
         model=tiny_model,
@@ -275,7 +275,7 @@ def test_reference_logps_are_reused_until_the_next_sync(tmp_path, tokenizer, tin
         if "sapo/reference_reuse" in entry
     ]
     assert reuse[0] == 0.0 and max(reuse) > 0.0
-    assert trainer._reference_version == 1
+    assert trainer.sapo_state.progress.reference_version == 1
     cached = [item for item in trainer.buffer.items() if item.get("ref_version") == 1]
     assert cached  # pairs drawn since the sync at step 4
     with torch.no_grad():

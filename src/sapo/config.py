@@ -1,50 +1,170 @@
-"""``SAPOConfig``: every knob of a SAPO run, documented where it is declared."""
+"""``SAPOConfig``: every knob of a SAPO run, documented where it is declared.
+
+:class:`PreferenceConfig` holds what every trainer of (prompt, chosen, rejected) pairs in sapo
+shares (lengths, β, dropout, model loading) with one validator per knob; ``SAPOConfig`` and
+SPIN's ``SPINConfig`` (:mod:`sapo.baselines.spin`) extend it.
+"""
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from transformers import TrainingArguments
 
-LOSS_TYPES = ("dpo", "orpo")
-GENERATION_BACKENDS = ("auto", "transformers")
+from sapo.ema import check_decay
 
+LossType = Literal["dpo", "orpo"]
+GenerationBackend = Literal["auto", "transformers"]
+PairScoring = Literal["auto", "packed", "padded"]
+LOSS_TYPES = typing.get_args(LossType)
+GENERATION_BACKENDS = typing.get_args(GenerationBackend)
+PAIR_SCORINGS = typing.get_args(PairScoring)
 
-@dataclass
-class SAPOConfig(TrainingArguments):
-    r"""
-    Configuration of [`SAPOTrainer`]: Self-Augmented Preference Optimization (arXiv 2405.20830).
-
-    Only SAPO's own fields are listed; every [`~transformers.TrainingArguments`] field is accepted
-    too. Turned into command-line flags by [`~transformers.HfArgumentParser`].
-
-    Parameters:
+# documentation of PreferenceConfig's fields, shared by the docstrings of the configs built on it
+SHARED_FIELDS_DOC = """
         > Parameters that control the model
 
         model_init_kwargs (`dict[str, Any]`, *optional*):
             Keyword arguments for `AutoModelForCausalLM.from_pretrained`, used when `model` is given
             to the trainer as a model id or path.
         disable_dropout (`bool`, *optional*, defaults to `True`):
-            Whether to disable dropout in the policy, the EMA model and the reference model.
+            Whether to disable dropout in the policy (and in SAPO's EMA and reference models).
 
         > Parameters that control the data preprocessing
 
         max_length (`int` or `None`, *optional*, defaults to `2048`):
             Most tokens of prompt plus answer. Gold answers are cut to fit (their start is kept).
-        max_prompt_length (`int` or `None`, *optional*, defaults to `1792`):
+        max_prompt_length (`int` or `None`, *optional*):
             Most prompt tokens. Rows with a longer prompt are dropped, with one warning that counts
-            them. Must be smaller than `max_length`.
+            them. Must be smaller than `max_length`. Unset, it follows `max_length`: it leaves
+            room for the generated part of an answer, `max_length - min(G, max_length // 2)` with
+            `G` the generated length (SAPO's `segment_length`, SPIN's `max_new_tokens`): the
+            paper's 1792 for 2048 and 256, and half of any `max_length` shorter than `2 * G`.
         dataset_num_proc (`int`, *optional*):
             Number of processes used to tokenize the dataset.
 
         > Parameters that control the preference loss
 
+        beta (`float`, *optional*, defaults to `0.1`):
+            DPO's β (paper: 0.1), or ORPO's λ weighting the odds-ratio term (paper: 0.05).
+"""
+
+
+def check_training_arguments(config: TrainingArguments) -> None:
+    """Refuse ``TrainingArguments`` values that would only fail once training has started."""
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name}={getattr(config, name)}: must be at least 1")
+    if config.learning_rate < 0:
+        raise ValueError(f"learning_rate={config.learning_rate}: must not be negative")
+    if config.max_steps <= 0 and config.num_train_epochs <= 0:
+        raise ValueError(f"num_train_epochs={config.num_train_epochs}: must be positive (or set max_steps)")
+
+
+def derived_prompt_limit(max_length: int | None, generated_length: int) -> int | None:
+    """The default ``max_prompt_length`` for ``max_length``: room for ``generated_length`` tokens
+    of answer, and never more than half of ``max_length``'s budget given to the answer."""
+    if max_length is None:
+        return None
+    return max_length - min(generated_length, max_length // 2)
+
+
+class _Checks:
+    """One validator per knob: each raises ``ValueError`` naming the field and its value."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def fail(self, name: str, requirement: str) -> None:
+        raise ValueError(f"{name}={getattr(self.config, name)!r}: {requirement}")
+
+    def positive(self, *names: str, what: str = "must be positive") -> None:
+        for name in names:
+            value = getattr(self.config, name)
+            if value is not None and value <= 0:
+                self.fail(name, what)
+
+    def choice(self, name: str, choices: tuple[str, ...]) -> None:
+        if getattr(self.config, name) not in choices:
+            self.fail(name, f"must be one of {', '.join(choices)}")
+
+
+@dataclass
+class PreferenceConfig(TrainingArguments):
+    __doc__ = (
+        "Fields shared by sapo's pair-trained configs (`SAPOConfig`, `SPINConfig`).\n\n    Parameters:"
+        + SHARED_FIELDS_DOC
+    )
+
+    model_init_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is an id."
+        },
+    )
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Whether to disable dropout in the policy, EMA and reference models."}
+    )
+    max_length: int | None = field(
+        default=2048, metadata={"help": "Most tokens of prompt plus answer; gold answers are cut to fit."}
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={"help": "Most prompt tokens (longer rows are dropped); unset: follows max_length."},
+    )
+    dataset_num_proc: int | None = field(
+        default=None, metadata={"help": "Number of processes used to tokenize the dataset."}
+    )
+    beta: float = field(
+        default=0.1, metadata={"help": "DPO's beta, or ORPO's lambda on the odds-ratio term."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log every this many optimizer steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: sapo builds its batches itself."}
+    )
+
+    def generated_length(self) -> int:
+        """Tokens of an answer the method generates; leaves room in the derived prompt limit."""
+        raise NotImplementedError
+
+    def __post_init__(self):
+        if self.max_prompt_length is None:
+            self.max_prompt_length = derived_prompt_limit(self.max_length, self.generated_length())
+        check_training_arguments(self)
+        self.validate(_Checks(self))
+        super().__post_init__()
+
+    def validate(self, check: _Checks) -> None:
+        """Check the shared fields; subclasses add theirs and call this."""
+        check.positive("beta")
+        check.positive("dataset_num_proc", what="must be at least 1")
+        if self.max_length is not None and self.max_length <= 1:
+            check.fail("max_length", "must be at least 2 tokens")
+        check.positive("max_prompt_length")
+        if self.max_length is not None and self.max_prompt_length is not None:
+            if self.max_prompt_length >= self.max_length:
+                check.fail("max_prompt_length", f"must be smaller than max_length ({self.max_length})")
+
+
+@dataclass
+class SAPOConfig(PreferenceConfig):
+    """
+    Configuration of [`SAPOTrainer`]: Self-Augmented Preference Optimization (arXiv 2405.20830).
+
+    Only SAPO's own fields are listed; every [`~transformers.TrainingArguments`] field is accepted
+    too. Turned into command-line flags by [`~transformers.HfArgumentParser`].
+
+    Parameters:{shared}
         loss_type (`str`, *optional*, defaults to `"dpo"`):
             `"dpo"`: sigmoid DPO against a reference model refreshed from the EMA model.
             `"orpo"`: ORPO's NLL plus odds-ratio term; no reference model is built.
-        beta (`float`, *optional*, defaults to `0.1`):
-            DPO's β (paper: 0.1), or ORPO's λ weighting the odds-ratio term (paper: 0.05).
+        pair_scoring (`str`, *optional*, defaults to `"auto"`):
+            How a pair is laid out for the policy and the reference. `"packed"`: one row holding
+            the shared prompt and gold prefix once and both tails (a 4D attention mask: `sdpa` or
+            `eager` attention). `"padded"`: chosen and rejected as two right-padded rows.
+            `"auto"`: packed where every model takes the mask, padded elsewhere.
 
         > Parameters that control SAPO's negatives
 
@@ -95,31 +215,13 @@ class SAPOConfig(TrainingArguments):
     > `remove_unused_columns=False` (the trainer builds its batches from the replay buffer).
     """
 
-    model_init_kwargs: dict[str, Any] | None = field(
-        default=None,
-        metadata={
-            "help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is an id."
-        },
-    )
-    disable_dropout: bool = field(
-        default=True, metadata={"help": "Whether to disable dropout in the policy, EMA and reference models."}
-    )
-    max_length: int | None = field(
-        default=2048, metadata={"help": "Most tokens of prompt plus answer; gold answers are cut to fit."}
-    )
-    max_prompt_length: int | None = field(
-        default=1792,
-        metadata={"help": "Most prompt tokens; rows with longer prompts are dropped with a warning."},
-    )
-    dataset_num_proc: int | None = field(
-        default=None, metadata={"help": "Number of processes used to tokenize the dataset."}
-    )
-    loss_type: str = field(
+    loss_type: LossType = field(
         default="dpo",
         metadata={"help": "Preference loss: 'dpo' (with a reference model) or 'orpo' (without)."},
     )
-    beta: float = field(
-        default=0.1, metadata={"help": "DPO's beta, or ORPO's lambda on the odds-ratio term."}
+    pair_scoring: PairScoring = field(
+        default="auto",
+        metadata={"help": "'packed' (one row per pair), 'padded' (two rows), 'auto': packed where possible."},
     )
     segment_length: int = field(
         default=256, metadata={"help": "Tokens of the gold answer the EMA model rewrites."}
@@ -133,7 +235,7 @@ class SAPOConfig(TrainingArguments):
     generation_num_threads: int | None = field(
         default=None, metadata={"help": "CPU only: torch threads while sampling segments; None: unchanged."}
     )
-    generation_backend: str = field(
+    generation_backend: GenerationBackend = field(
         default="auto",
         metadata={"help": "'auto': SAPO's sampling loop where the model allows it; 'transformers'."},
     )
@@ -154,62 +256,37 @@ class SAPOConfig(TrainingArguments):
         metadata={"help": "DPO: copy the EMA into the reference every this many steps; None: per epoch."},
     )
 
-    logging_steps: float = field(default=10, metadata={"help": "Log every this many optimizer steps."})
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Kept False: SAPO builds its batches itself."}
-    )
+    def generated_length(self) -> int:
+        return self.segment_length
 
-    def __post_init__(self):
-        self._validate()
-        super().__post_init__()
-
-    def _validate(self) -> None:
-        def fail(name: str, requirement: str) -> None:
-            raise ValueError(f"{name}={getattr(self, name)!r}: {requirement}")
-
-        if self.loss_type not in LOSS_TYPES:
-            fail("loss_type", f"must be one of {', '.join(LOSS_TYPES)}")
-        if self.beta <= 0:
-            fail("beta", "must be positive")
-        if self.segment_length <= 0:
-            fail("segment_length", "must be a positive number of tokens")
-        if not 0.0 <= self.ema_decay < 1.0:
-            fail("ema_decay", "must be in [0, 1)")
-        for name in ("ema_update_interval", "sample_every_n_steps"):
-            if getattr(self, name) <= 0:
-                fail(name, "must be a positive number of optimizer steps")
-        if self.ref_model_sync_steps is not None and self.ref_model_sync_steps <= 0:
-            fail(
-                "ref_model_sync_steps",
-                "must be a positive number of optimizer steps, or None for once per epoch",
-            )
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
-            if getattr(self, name) < 1:
-                fail(name, "must be at least 1")
-        if self.learning_rate < 0:
-            fail("learning_rate", "must be >= 0")
-        if self.generation_num_threads is not None and self.generation_num_threads < 1:
-            fail("generation_num_threads", "must be at least 1, or None to leave torch's setting")
-        if self.generation_backend not in GENERATION_BACKENDS:
-            fail("generation_backend", f"must be one of {', '.join(GENERATION_BACKENDS)}")
-        if self.replay_buffer_size < self.per_device_train_batch_size:
-            fail(
+    def validate(self, check: _Checks) -> None:
+        check.choice("loss_type", LOSS_TYPES)
+        check.choice("pair_scoring", PAIR_SCORINGS)
+        check.choice("generation_backend", GENERATION_BACKENDS)
+        check.positive("segment_length", what="must be a positive number of tokens")
+        try:
+            check_decay(self.ema_decay)
+        except ValueError:
+            check.fail("ema_decay", "must be in [0, 1)")
+        check.positive(
+            "ema_update_interval", "sample_every_n_steps", what="must be a positive number of optimizer steps"
+        )
+        check.positive(
+            "ref_model_sync_steps",
+            what="must be a positive number of optimizer steps, or None for once per epoch",
+        )
+        check.positive("generation_num_threads", what="must be at least 1, or None to leave torch's setting")
+        if self.replay_buffer_size < max(1, self.per_device_train_batch_size):
+            check.fail(
                 "replay_buffer_size",
                 f"must hold at least one batch ({self.per_device_train_batch_size} pairs)",
             )
-        if self.temperature <= 0:
-            fail("temperature", "must be positive")
+        check.positive("temperature")
         if not 0.0 < self.top_p <= 1.0:
-            fail("top_p", "must be in (0, 1]")
+            check.fail("top_p", "must be in (0, 1]")
         if self.top_k < 0:
-            fail("top_k", "must be >= 0 (0 disables it)")
-        if self.max_length is not None and self.max_length <= 1:
-            fail("max_length", "must be at least 2 tokens")
-        if self.max_prompt_length is not None and self.max_prompt_length <= 0:
-            fail("max_prompt_length", "must be positive")
-        if (
-            self.max_length is not None
-            and self.max_prompt_length is not None
-            and self.max_prompt_length >= self.max_length
-        ):
-            fail("max_prompt_length", f"must be smaller than max_length ({self.max_length})")
+            check.fail("top_k", "must be >= 0 (0 disables it)")
+        super().validate(check)
+
+
+SAPOConfig.__doc__ = SAPOConfig.__doc__.replace("{shared}", SHARED_FIELDS_DOC)

@@ -5,7 +5,7 @@ On a small model a decode step is a few milliseconds of many small operations, a
 from the 2D padding mask at every token and carries stopping criteria and bookkeeping that
 SAPO's calls do not need (docs/performance.md). :func:`sample_tokens` builds the masks up front
 (a causal 4D mask for the prefill; one key-visibility tensor that each decode step slices), runs
-under ``torch.inference_mode`` (7% faster than ``no_grad`` on the benchmark's model) and
+under ``torch.inference_mode`` and
 otherwise does what ``generate`` does with SAPO's settings: transformers' own temperature, top-k
 and top-p warpers in ``generate``'s order, the softmax, one ``torch.multinomial`` draw from the
 global generator per token, padding for rows that have stopped. With the same seed it returns
@@ -34,7 +34,7 @@ from transformers.generation import (
 )
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from .packing import PADDING, PREFIX, mask_for, packed_attention_mask, supports_packing, uses_fsdp
+from sapo.packing import PADDING, PREFIX, mask_for, packed_attention_mask, supports_packing, uses_fsdp
 
 # layer kinds whose attention is the ordinary causal attention a 4D mask describes
 _ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention"}

@@ -19,8 +19,22 @@ import torch
 from torch import nn
 
 
+def check_decay(decay: float) -> None:
+    """The one rule for a decay, shared by every EMA home and by ``SAPOConfig``."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must be in [0, 1), got {decay}")
+
+
+def check_same_names(source, target) -> None:
+    """Fail naming a few parameter names when two weight collections differ in names."""
+    if source.keys() != target.keys():
+        differing = sorted(source.keys() ^ target.keys())[:3]
+        raise ValueError(f"weights differ in names, e.g. {differing}")
+
+
 class EMAModel:
-    """A float32 copy of a model whose weights track the policy's moving average.
+    """A float32 copy of a model whose weights track the policy's moving average; the whole-copy
+    home of :class:`sapo.copies.contract.EMA`.
 
     Args:
         model: the policy at step 0; the average starts as an exact copy of it.
@@ -29,9 +43,10 @@ class EMAModel:
             the accelerator for large models.
     """
 
+    sharded = False  # a whole copy on one device
+
     def __init__(self, model: nn.Module, decay: float, device: torch.device | str | None = None):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        check_decay(decay)
         self.decay = decay
         self.model = copy.deepcopy(model).to(dtype=torch.float32)
         if device is not None:
@@ -62,6 +77,12 @@ class EMAModel:
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         copy_weights(tensors, dict(self.model.named_parameters()))
 
+    def full_tensors(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        return self.tensors() if keep else {}
+
+    def load_full_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.load_tensors(tensors)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The averaged model's state dict (float32)."""
         return self.model.state_dict()
@@ -74,9 +95,7 @@ def zip_named(source: nn.Module, target: nn.Module):
     """Pairs ``(source_param, target_param)`` matched by name; fails loudly on a mismatch."""
     target_params = dict(target.named_parameters())
     source_params = dict(source.named_parameters())
-    if source_params.keys() != target_params.keys():
-        missing = sorted(source_params.keys() ^ target_params.keys())[:3]
-        raise ValueError(f"models differ in parameters, e.g. {missing}")
+    check_same_names(source_params, target_params)
     for name, param in source_params.items():
         yield param, target_params[name]
 
@@ -85,9 +104,7 @@ def zip_named(source: nn.Module, target: nn.Module):
 def copy_weights(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> None:
     """Copy tensors into same-named, same-shaped tensors (parameters, or this rank's shards or
     slices of them), casting to their dtype and device."""
-    if source.keys() != target.keys():
-        differing = sorted(source.keys() ^ target.keys())[:3]
-        raise ValueError(f"weights differ in names, e.g. {differing}")
+    check_same_names(source, target)
     for name, param in target.items():
         if source[name].shape != param.shape:
             got, expected = tuple(source[name].shape), tuple(param.shape)

@@ -6,13 +6,12 @@ seed taken from the generator's own ``torch.Generator``, so a run is reproducibl
 generator's state can be checkpointed.
 
 The loop is :func:`sapo.decoding.sample_tokens` where the model allows it (``backend="auto"``):
-``generate``'s sampling with the attention masks prepared once per call, the same tokens for the
-same seed, and about 15% less time per call on the benchmark's model (docs/performance.md).
-Elsewhere, or with ``backend="transformers"``, it is transformers' ``generate``. Neither a static
-cache nor ``torch.compile`` paid off on CPU. On CPU, ``num_threads`` can cap torch's intra-op
-threads while sampling: a decode step is dozens of small matrix products, and when other
-processes share the cores, each one split across threads waits for whichever thread was
-descheduled.
+``generate``'s sampling with the attention masks prepared once per call and the same tokens for
+the same seed. Elsewhere, or with ``backend="transformers"``, it is transformers' ``generate``.
+On CPU, ``num_threads`` can cap torch's intra-op threads while sampling: a decode step is dozens
+of small matrix products, and when other processes share the cores, each one split across
+threads waits for whichever thread was descheduled. What each option costs and saves is measured
+in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -24,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from .config import GENERATION_BACKENDS
-from .decoding import sample_tokens, sampling_processors, supports_cached_loop
-from .segments import sample_cut, splice
+from sapo.config import GENERATION_BACKENDS
+from sapo.decoding import sample_tokens, sampling_processors, supports_cached_loop
+from sapo.segments import sample_cut, splice
 
 
 class _PerRowLimit(StoppingCriteria):
@@ -71,7 +70,8 @@ class SegmentGenerator:
         self.eos_token_ids = list(self.eos_token_ids)
         self.generator = torch.Generator().manual_seed(self.seed)
 
-    def _generation_config(self, max_new_tokens: int) -> GenerationConfig:
+    def generation_config(self, max_new_tokens: int) -> GenerationConfig:
+        """The `GenerationConfig` of a call through transformers' ``generate``."""
         return GenerationConfig(
             do_sample=True,
             temperature=self.temperature,
@@ -126,7 +126,7 @@ class SegmentGenerator:
                 output = model.generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
-                    generation_config=self._generation_config(most),
+                    generation_config=self.generation_config(most),
                     stopping_criteria=StoppingCriteriaList([_PerRowLimit(width, limits)]),
                 )
                 new_tokens = output[:, width:]

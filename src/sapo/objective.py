@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .losses import dpo_loss, orpo_loss
+from sapo.losses import dpo_loss, orpo_loss
 
 
 def distinct_pairs(pairs: Sequence[Any]) -> tuple[list[Any], torch.Tensor]:

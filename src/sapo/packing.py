@@ -9,8 +9,8 @@ that prefix twice. A packed row holds it once::
 Position ids restart at the prefix length for the rejected tail, and a 4D attention mask lets
 each tail see the prefix and itself causally but not the other tail, so every token gets exactly
 the hidden state it would get in its own unpadded sequence. :func:`pack_pairs` and
-:func:`packed_completion_logps` return what ``sapo.logprobs.collate_pairs`` and
-``sapo.logprobs.completion_logps`` return for the same pairs, so either pair of functions can
+:func:`packed_completion_logps` return what ``sapo.scoring.collate_pairs`` and
+``sapo.scoring.completion_logps`` return for the same pairs, so either pair of functions can
 score a batch. Positions before the first scored token (the prompt) get no logits: the LM head
 and log-softmax, large with real vocabularies, run on the scored part only.
 """
@@ -176,7 +176,7 @@ def supports_packing(model: torch.nn.Module, max_length: int | None = None) -> b
     """Whether the model's attention implementation takes the packed 4D mask, exactly.
 
     ``sdpa`` (transformers' default) and ``eager`` do; flash attention and flex attention do not,
-    and such a model scores pairs with ``sapo.logprobs.collate_pairs`` instead. So does a model
+    and such a model scores pairs with ``sapo.scoring.collate_pairs`` instead. So does a model
     with a sliding or chunked attention window unless every sequence (at most ``max_length``
     tokens) fits inside it: the packed mask would let tokens see past the window.
     """
@@ -207,15 +207,15 @@ def mask_for(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
     ``eager`` adds the mask to the scores, so it needs ``0``/``-inf``-like floats (a boolean would
     be added as 0/1 and silently mask nothing). ``sdpa`` takes booleans, or such floats in the
     query's dtype: a float32 model (no autocast) gets the floats, which SDPA's CPU kernels use
-    as they are, where they convert a boolean mask in every layer (5% of a packed forward and
-    backward on the benchmark's model, same log-probs to the bit); other models get booleans.
+    as they are, where they convert a boolean mask in every layer (same log-probs to the bit;
+    the saving is in docs/performance.md); other models get booleans.
     """
     implementation = _attention_implementation(model)
     mask_format = _MASK_FORMATS.get(implementation)
     if mask_format is None:
         raise ValueError(
             f"attn_implementation={implementation!r} cannot take the packed 4D attention mask; "
-            f"use one of {sorted(_MASK_FORMATS)} or score pairs with sapo.logprobs.collate_pairs"
+            f"use one of {sorted(_MASK_FORMATS)} or score pairs with sapo.scoring.collate_pairs"
         )
     if mask_format == "bool" and not _computes_in_float32(model, mask.device):
         return mask
@@ -229,7 +229,7 @@ def packed_completion_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs and response token counts from one forward over packed rows.
 
-    Same contract as ``sapo.logprobs.completion_logps``: ``(logps, lengths)`` of shape ``(2B,)``,
+    Same contract as ``sapo.scoring.completion_logps``: ``(logps, lengths)`` of shape ``(2B,)``,
     rows ``[:B]`` chosen and ``[B:]`` rejected. Response tokens inside the shared prefix (such as
     ``gold[:cut]``) count for both sides, as they do when the sides are scored separately.
     Logits are computed only for the last ``K`` positions, those ``batch["targets"]`` covers.

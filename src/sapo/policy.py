@@ -9,8 +9,6 @@ from __future__ import annotations
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl.trainer.utils import disable_dropout_in_model
 
-from .adapters import is_peft_model, policy_adapter_name
-
 
 def prepare_policy(model, args, processing_class=None, peft_config=None):
     """Return ``(model, tokenizer)`` ready for training; the tokenizer gets a pad token if it has none."""
@@ -47,3 +45,18 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     if configured is not None:
         ids.update([configured] if isinstance(configured, int) else configured)
     return sorted(i for i in ids if i is not None)
+
+
+def is_peft_model(model) -> bool:
+    """Whether ``model`` is a PEFT model (it carries adapters)."""
+    return hasattr(model, "peft_config") and hasattr(model, "active_adapter")
+
+
+def policy_adapter_name(model) -> str:
+    """The adapter that trains: the active one (PEFT models carry one active adapter here)."""
+    active = model.active_adapter
+    if isinstance(active, (list, tuple)):
+        if len(active) != 1:
+            raise ValueError(f"the model has several active adapters {active}; SAPO trains exactly one")
+        active = active[0]
+    return active

@@ -1,78 +1,81 @@
 """``SAPOTrainer``: the SAPO loop wired onto ``transformers.Trainer``.
 
-Per optimizer step ``t`` (gradient accumulation counts once), in order:
+Per optimizer step ``t`` (gradient accumulation counts once), in the order of this file:
 
-1. generate (every ``sample_every_n_steps`` steps): for the rows of this step and the next
-   ``sample_every_n_steps - 1`` steps, the EMA model rewrites a window of each gold answer in
-   one batched call; ``(prompt, gold, rejected)`` enters the replay buffer
-   (:meth:`SAPOTrainer.get_batch_samples`, :meth:`SAPOTrainer._generate_pairs`);
-2. sample a batch from the buffer, least-drawn pairs first (:meth:`SAPOTrainer.training_step`);
-   a pair drawn more than once in a batch is scored once and its loss counted as often as drawn;
-3. DPO or ORPO loss on that batch (:meth:`SAPOTrainer.compute_loss`), optimizer step by Trainer;
-4. EMA update, then, for DPO, maybe copy the EMA into the reference
-   (:meth:`SAPOTrainer._after_optimizer_step`).
+1. **generate** (at the first step of every window of ``sample_every_n_steps`` steps): the EMA
+   model rewrites a window of each gold answer of the window's rows in one batched call
+   (:meth:`SAPOTrainer.get_batch_samples` → :meth:`SAPOTrainer.generate_pairs`);
+2. **buffer**: the pairs enter the replay buffer (:meth:`SAPOTrainer.generate_pairs`);
+3. **sample** a batch from the buffer, least-drawn pairs first, and score the reference on the
+   pairs whose reference log-probs are not cached (:meth:`SAPOTrainer.training_step`);
+4. **loss**: DPO or ORPO on that batch (:meth:`SAPOTrainer.compute_loss`);
+5. **step**: backward and optimizer step, by Trainer;
+6. **EMA** update, then 7. (DPO) **sync** the reference from the EMA when due
+   (:meth:`SAPOTrainer.after_optimizer_step`).
 
-Trainer keeps the optimizer, schedule, precision, devices, logging and progress bar; SAPO's
-pieces (``segments``, ``buffer``, ``ema``, ``generation``, ``losses``) know nothing of this class.
+Trainer keeps the optimizer, schedule, precision, devices, logging and progress bar. SAPO's
+components (``segments``, ``buffer``, ``ema``, ``generation``, ``losses``, ``copies``) know nothing
+of this class; its checkpoint part is :class:`sapo.checkpoints.SAPOState`.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import functools
 import math
 import os
-import shutil
 import time
-from collections import defaultdict, deque
-from typing import Any
+from collections import defaultdict
 
 import torch
 from datasets import Dataset
-from transformers import (
-    PreTrainedModel,
-    Trainer,
-    TrainerCallback,
-)
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import TrainOutput, rotate_checkpoints
 from transformers.utils import logging
 
-from . import checkpoint
-from .adapters import is_peft_model, policy_adapter_name
-from .buffer import ReplayBuffer
-from .config import SAPOConfig
-from .data import GOLD_IDS, PROMPT_IDS, collate_rows, prepare_dataset
-from .generation import SegmentGenerator, self_augmented_pairs
-from .logprobs import collate_pairs, completion_logps
-from .objective import distinct_pairs, preference_objective
-from .packing import pack_pairs, packed_completion_logps, supports_packing
-from .policy import eos_token_ids, prepare_policy
-from .reference import build_ema_and_reference, distribute_like_policy, reference_logps
-from .sharding import check_supported
-from .teardown import release_process_group
+import sapo.checkpoints as checkpoints
+from sapo.buffer import ReplayBuffer
+from sapo.config import SAPOConfig
+from sapo.copies import build_ema_and_reference, check_supported, distribute_like_policy
+from sapo.copies.teardown import release_process_group
+from sapo.data import GOLD_IDS, PROMPT_IDS, collate_rows, prepare_dataset
+from sapo.generation import SegmentGenerator, self_augmented_pairs
+from sapo.objective import distinct_pairs, preference_objective
+from sapo.policy import eos_token_ids, is_peft_model, policy_adapter_name, prepare_policy
+from sapo.scoring import pair_scorer, reference_logps
+from sapo.window import GenerationWindow
 
 logger = logging.get_logger(__name__)
+
+
+class _DistributeCopies(TrainerCallback):
+    """At train begin: accelerate has now sharded (FSDP2) or partitioned (ZeRO-3) the policy;
+    place the EMA and the reference alike, and fix a once-per-epoch sync interval."""
+
+    def __init__(self, trainer: SAPOTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        trainer = self.trainer
+        progress = trainer.sapo_state.progress
+        if progress.ref_model_sync_steps is None and train_dataloader is not None:
+            steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+            progress.ref_model_sync_steps = max(1, steps_per_epoch)
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        trainer.ema, trainer.reference = distribute_like_policy(
+            policy, trainer.ema, trainer.reference, trainer.accelerator, trainer.model_wrapped
+        )
 
 
 class _AfterOptimizerStep(TrainerCallback):
     def __init__(self, trainer: SAPOTrainer):
         self.trainer = trainer
 
-    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        self.trainer._set_sync_interval(train_dataloader)
-        # accelerate shards (FSDP2) or partitions (ZeRO-3) the policy only now: do the same to the copies
-        trainer = self.trainer
-        policy = trainer.accelerator.unwrap_model(trainer.model)
-        trainer.ema, trainer.reference = distribute_like_policy(
-            policy, trainer.ema, trainer.reference, trainer.accelerator, trainer.model_wrapped
-        )
-
     def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._after_optimizer_step(state.global_step)
+        self.trainer.after_optimizer_step(state.global_step)
 
 
 class SAPOTrainer(Trainer):
@@ -86,6 +89,10 @@ class SAPOTrainer(Trainer):
         peft_config: a `peft` config; the policy is then wrapped with `get_peft_model`.
         ref_model: DPO only: the initial reference; a copy of the policy when `None`.
         callbacks, optimizers: as for `transformers.Trainer`.
+
+    Public attributes: `buffer` (the replay buffer), `ema` and `reference` (see
+    `sapo.copies.contract`), `segment_generator`, `scorer` (how pairs are scored, from
+    `pair_scoring`) and `eos_token_ids` (every id that ends an answer).
     """
 
     def __init__(
@@ -111,17 +118,12 @@ class SAPOTrainer(Trainer):
                 "ref_model: ORPO uses no reference model; pass ref_model only with loss_type='dpo'"
             )
         model, processing_class = prepare_policy(model, args, processing_class, peft_config)
-
         if not (PROMPT_IDS in train_dataset.column_names and GOLD_IDS in train_dataset.column_names):
             with args.main_process_first(desc="tokenizing the training set"):
                 train_dataset = prepare_dataset(
-                    train_dataset,
-                    processing_class,
-                    args.max_length,
-                    args.max_prompt_length,
+                    train_dataset, processing_class, args.max_length, args.max_prompt_length,
                     args.dataset_num_proc,
-                )
-
+                )  # fmt: skip
         super().__init__(
             model=model,
             args=args,
@@ -135,11 +137,9 @@ class SAPOTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
 
         policy = self.accelerator.unwrap_model(self.model)
-        check_supported(self.accelerator.state, is_peft_model(policy))
+        check_supported(self.accelerator.state)
         rank = self.args.process_index
         self.eos_token_ids = eos_token_ids(policy, processing_class)
-        self.buffer = ReplayBuffer(args.replay_buffer_size, seed=args.seed + rank)
-        self.cut_generator = torch.Generator().manual_seed(args.seed + 7919 * (rank + 1))
         self.segment_generator = SegmentGenerator(
             pad_token_id=processing_class.pad_token_id,
             eos_token_ids=self.eos_token_ids,
@@ -152,94 +152,102 @@ class SAPOTrainer(Trainer):
         )
         # under FSDP or ZeRO-3, whole copies wait on the CPU to be distributed when training starts
         device = "cpu" if self.is_fsdp_enabled or is_deepspeed_zero3_enabled() else None
-        self.ema, self.reference = build_ema_and_reference(policy, self.args, ref_model, device)
-        self.ref_model_sync_steps = args.ref_model_sync_steps
-        self._reference_version = 0  # bumped at every sync; cached reference log-probs carry it
-        # chosen and rejected share prompt + gold[:cut]: score both in one packed row where the
-        # attention implementation takes a 4D mask, else as two padded rows
-        packed = all(supports_packing(m, args.max_length) for m in (policy, ref_model) if m is not None)
-        collate = pack_pairs if packed else collate_pairs
-        self._collate = functools.partial(collate, pad_token_id=processing_class.pad_token_id)
-        self._score = packed_completion_logps if packed else completion_logps
-        self._distinct = distinct_pairs
-        self._window: deque[list[dict[str, Any]]] = deque()  # row batches of this window's later steps
-        self._steps_generated_ahead = 0  # after a resume inside a window: steps whose rows have pairs
+        ema, reference = build_ema_and_reference(policy, self.args, ref_model, device)
+        self.sapo_state = checkpoints.SAPOState(
+            buffer=ReplayBuffer(args.replay_buffer_size, seed=args.seed + rank),
+            cut_generator=torch.Generator().manual_seed(args.seed + 7919 * (rank + 1)),
+            sampling_generator=self.segment_generator.generator,
+            ema=ema,
+            reference=reference,
+            window=GenerationWindow(args.sample_every_n_steps),
+            progress=checkpoints.Progress(ref_model_sync_steps=args.ref_model_sync_steps),
+        )
+        # chosen and rejected share prompt + gold[:cut]: by default both are scored in one packed
+        # row where the attention implementation takes a 4D mask, else as two padded rows
+        models = [m for m in (policy, ref_model) if m is not None]
+        self.scorer = pair_scorer(args.pair_scoring, processing_class.pad_token_id, models, args.max_length)
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self.add_callback(_DistributeCopies(self))
         self.add_callback(_AfterOptimizerStep(self))
         if self.args.world_size > 1:
-            # gloo may abort at interpreter exit while its group is alive; end it first (sapo.teardown)
+            # gloo may abort at interpreter exit while its group is alive; end it first (sapo.copies.teardown)
             atexit.register(release_process_group, self)
+
+    # the components, by their names in the paper's loop
+    buffer = property(lambda self: self.sapo_state.buffer)
+    cut_generator = property(lambda self: self.sapo_state.cut_generator)
+    ema = property(
+        lambda self: self.sapo_state.ema, lambda self, value: setattr(self.sapo_state, "ema", value)
+    )
+    reference = property(
+        lambda self: self.sapo_state.reference,
+        lambda self, value: setattr(self.sapo_state, "reference", value),
+    )
 
     @property
     def ref_model(self):
         """The reference model (DPO; for a PEFT policy, the policy model with its reference adapter)."""
         return None if self.reference is None else self.reference.model
 
-    # -- the SAPO step ---------------------------------------------------------------------------
+    @property
+    def ref_model_sync_steps(self) -> int | None:
+        """The reference sync interval in force (one epoch's steps when `ref_model_sync_steps` is unset)."""
+        return self.sapo_state.progress.ref_model_sync_steps
+
+    # -- 1. generate and 2. buffer ---------------------------------------------------------------
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """Fetch this step's rows; at the start of a generation window, generate for the window.
+        """This step's rows; at the first step of a generation window, generate for the whole window."""
+        fetch = super().get_batch_samples
+        step = self.state.global_step
+        batches = self.sapo_state.window.next_step(
+            fetch_first=lambda: fetch(epoch_iterator, num_batches, device)[0],
+            fetch_later=lambda: fetch(epoch_iterator, self.args.gradient_accumulation_steps, device)[0],
+            generate=lambda rows: self.generate_pairs(rows, step),
+        )
+        return batches, None
 
-        A window is ``sample_every_n_steps`` optimizer steps. Its first step also pulls the rows
-        of the next steps (kept for them), so one batched call covers every row of the window and
-        no row goes without a segment, also at the end of an epoch.
-        """
-        if self._window:
-            return self._window.popleft(), None
-        window = [super().get_batch_samples(epoch_iterator, num_batches, device)[0]]
-        if self._steps_generated_ahead > 0:
-            self._steps_generated_ahead -= 1
-            return window[0], None
-        for _ in range(self.args.sample_every_n_steps - 1):
-            batches = super().get_batch_samples(
-                epoch_iterator, self.args.gradient_accumulation_steps, device
-            )[0]
-            if not batches:
-                break
-            window.append(batches)
-        rows = [
-            row for batches in window for batch in batches for row in zip(batch[PROMPT_IDS], batch[GOLD_IDS])
-        ]
-        if rows:
-            self._generate_pairs(rows, self.state.global_step)
-        self._window.extend(window[1:])
-        return window[0], None
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        """Train on a buffer batch (each distinct pair scored once); dataset rows only feed generation."""
-        pairs = self.buffer.sample(self.args.per_device_train_batch_size)
-        distinct, drawn_index = self._distinct(pairs)
-        collated = self._collate(distinct)
-        batch = {**collated, "drawn_index": drawn_index}
-        if self.reference is not None:
-            reused = sum(pair.get("ref_version") == self._reference_version for pair in pairs)
-            self._record("sapo/reference_reuse", torch.tensor([reused / len(pairs)]))
-            scoring = (self._collate, self._score, self.args.device, collated)
-            with self.compute_loss_context_manager():
-                ref = reference_logps(self.reference, distinct, self._reference_version, *scoring)
-            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = (logps[drawn_index] for logps in ref)
-        return super().training_step(model, batch, num_items_in_batch)
-
-    def _generate_pairs(self, rows: list[tuple[list[int], list[int]]], step: int) -> None:
-        """One batched generation call for ``rows``; the pairs enter the buffer."""
+    def generate_pairs(self, rows: list[tuple[list[int], list[int]]], step: int) -> None:
+        """One batched generation call for ``rows`` (``(prompt_ids, gold_ids)``); the pairs enter
+        the buffer stamped with ``step``. A subclass may override this (e.g. to time the update
+        step alone on a buffer it filled itself)."""
         started = time.perf_counter()
         with self.ema.sampling_model() as model, self.accelerator.autocast():
             pairs, generated = self_augmented_pairs(
-                model,
-                rows,
-                self.segment_generator,
-                self.cut_generator,
-                self.args.segment_length,
+                model, rows, self.segment_generator, self.cut_generator, self.args.segment_length,
                 self.args.max_length,
-            )
+            )  # fmt: skip
         self._metrics["sapo/generation_seconds"].append(time.perf_counter() - started)
         self._metrics["sapo/segment_tokens"].append(float(generated))
         for pair in pairs:
             self.buffer.add({**pair, "step": step})
 
+    # -- 3. sample -------------------------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Train on a buffer batch (each distinct pair scored once); dataset rows only feed generation."""
+        pairs = self.buffer.sample(self.args.per_device_train_batch_size)
+        distinct, drawn_index = distinct_pairs(pairs)
+        collated = self.scorer.collate(distinct)
+        batch = {**collated, "drawn_index": drawn_index}
+        if self.reference is not None:
+            version = self.sapo_state.progress.reference_version
+            reused = sum(pair.get("ref_version") == version for pair in pairs)
+            self._record("sapo/reference_reuse", torch.tensor([reused / len(pairs)]))
+            with self.compute_loss_context_manager():
+                ref = reference_logps(
+                    self.reference, distinct, version, self.scorer, self.args.device, collated
+                )
+            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = (logps[drawn_index] for logps in ref)
+        return super().training_step(model, batch, num_items_in_batch)
+
+    # -- 4. loss (5. backward and optimizer step: Trainer) ---------------------------------------
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """DPO or ORPO on a buffer batch (rows ``[:B]`` chosen, ``[B:]`` rejected)."""
-        loss, metrics = preference_objective(model, inputs, self.args.loss_type, self.args.beta, self._score)
+        loss, metrics = preference_objective(
+            model, inputs, self.args.loss_type, self.args.beta, self.scorer.score
+        )
         for name, values in metrics.items():
             self._record(name, values)
         if not torch.isfinite(self.accelerator.gather(loss.detach()[None])).all():
@@ -249,18 +257,20 @@ class SAPOTrainer(Trainer):
             )
         return (loss, metrics) if return_outputs else loss
 
-    def _after_optimizer_step(self, step: int) -> None:
+    # -- 6. EMA and 7. reference sync ------------------------------------------------------------
+
+    def after_optimizer_step(self, step: int) -> None:
         """EMA update, then (DPO) copy the EMA into the reference when a sync is due."""
         if step % self.args.ema_update_interval == 0:
             self.ema.update(self.accelerator.unwrap_model(self.model))
-        if self.reference is not None and self.ref_model_sync_steps and step % self.ref_model_sync_steps == 0:
+        progress = self.sapo_state.progress
+        if (
+            self.reference is not None
+            and progress.ref_model_sync_steps
+            and step % progress.ref_model_sync_steps == 0
+        ):
             self.reference.load_tensors(self.ema.tensors())
-            self._reference_version += 1
-
-    def _set_sync_interval(self, train_dataloader) -> None:
-        if self.ref_model_sync_steps is None and train_dataloader is not None:
-            batches = len(train_dataloader)
-            self.ref_model_sync_steps = max(1, math.ceil(batches / self.args.gradient_accumulation_steps))
+            progress.reference_version += 1
 
     # -- logging ---------------------------------------------------------------------------------
 
@@ -287,13 +297,16 @@ class SAPOTrainer(Trainer):
             self._metrics.clear()
         super().log(logs, start_time)
 
-    # -- checkpoints -----------------------------------------------------------------------------
+    # -- checkpoints (SAPO's part: sapo.checkpoints) ---------------------------------------------
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """Train, or resume exactly from a complete checkpoint (a path, or ``True``/``"last"``)."""
-        path = checkpoint.resolve(self.args.output_dir, resume_from_checkpoint)
+        path = checkpoints.resolve(self.args.output_dir, resume_from_checkpoint)
         if path is not None:
-            self._load_sapo_state(path)
+            checkpoints.check_same_run(
+                path, checkpoints.read_json(os.path.join(path, checkpoints.RUN_FILE)), self._run_identity()
+            )
+            self.sapo_state.load(path, self.args.process_index)
             reached = TrainerState.load_from_json(os.path.join(path, TRAINER_STATE_NAME))
             if 0 < self.args.max_steps <= reached.global_step:
                 # Trainer would run one more step past max_steps; a finished run only reloads
@@ -302,6 +315,11 @@ class SAPOTrainer(Trainer):
                 self.state = reached
                 return TrainOutput(reached.global_step, 0.0, {})
         return super().train(resume_from_checkpoint=path, **kwargs)
+
+    def _run_identity(self) -> dict:
+        return checkpoints.run_identity(
+            self.args, self.train_dataset, self.accelerator.unwrap_model(self.model)
+        )
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Save the model; for a PEFT policy only the policy adapter (not SAPO's EMA and reference)."""
@@ -316,84 +334,36 @@ class SAPOTrainer(Trainer):
             del policy.save_pretrained  # back to the class's method
 
     def _get_output_dir(self, trial) -> str:
-        # while a checkpoint is written, Trainer writes it into a staging folder (see _save_checkpoint)
+        # while a checkpoint is written, Trainer writes it into the staging folder (_save_checkpoint)
         return getattr(self, "_staging_dir", None) or super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
-        """Write the checkpoint under a temporary name, add SAPO's state, then rename it.
+        """Write Trainer's checkpoint and SAPO's state into a staging folder, then publish it.
 
         A process killed at any moment leaves either the complete new checkpoint or none, and
         the previous ones untouched (older ones are rotated out only after the rename).
         """
-        policy = self.accelerator.unwrap_model(self.model)
-        if not checkpoint.weights_finite(policy, self.accelerator):
+        if not checkpoints.weights_finite(self.accelerator.unwrap_model(self.model), self.accelerator):
             raise FloatingPointError(
                 f"non-finite weights at step {self.state.global_step}; no checkpoint written"
             )
         run_dir = super()._get_output_dir(trial)
         name = f"checkpoint-{self.state.global_step}"
-        self._staging_dir = os.path.join(run_dir, ".staging")
-        staged = os.path.join(self._staging_dir, name)
-        if self.args.should_save and os.path.exists(staged):  # left by a run killed while saving
-            shutil.rmtree(staged)
-        self.accelerator.wait_for_everyone()
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_dir = None
-        tensors, metadata = self._rank_state()
-        checkpoint.save_rank_state(staged, self.args.process_index, tensors, metadata)
-        # every rank: sharded weights are gathered before the main process writes them
-        checkpoint.save_weights(self.ema, os.path.join(staged, checkpoint.EMA_FILE), self.args.should_save)
-        if self.reference is not None:
-            checkpoint.save_weights(
-                self.reference, os.path.join(staged, checkpoint.REFERENCE_FILE), self.args.should_save
-            )
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            checkpoint.write_json(
-                os.path.join(staged, checkpoint.RUN_FILE),
-                checkpoint.run_identity(
-                    self.args, self.train_dataset, self.accelerator.unwrap_model(self.model)
-                ),
-            )
-            checkpoint.publish(staged, os.path.join(run_dir, name))
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.dirname(staged))
+        is_main = self.args.should_save
+        with checkpoints.staged_checkpoint(
+            run_dir, name, is_main, self.accelerator.wait_for_everyone
+        ) as staged:
+            self._staging_dir = os.path.dirname(staged)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging_dir = None
+            self.sapo_state.save(staged, self.args.process_index, is_main, self.state.global_step)
+            self.accelerator.wait_for_everyone()
+            if is_main:  # written last: a folder without it is not a complete checkpoint
+                checkpoints.write_json(os.path.join(staged, checkpoints.RUN_FILE), self._run_identity())
+        if is_main:
             rotate_checkpoints(
                 run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=False
             )
         self.accelerator.wait_for_everyone()
-
-    def _rank_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors, buffer_metadata = checkpoint.buffer_to_tensors(self.buffer.state_dict())
-        tensors["cut_generator_state"] = self.cut_generator.get_state()
-        tensors["sampling_generator_state"] = self.segment_generator.generator.get_state()
-        metadata = {
-            "buffer": buffer_metadata,
-            "global_step": self.state.global_step,
-            "ema_updates": self.ema.num_updates,
-            "ref_model_sync_steps": self.ref_model_sync_steps,
-            "reference_version": self._reference_version,
-            "steps_generated_ahead": len(self._window) + self._steps_generated_ahead,
-        }
-        return tensors, metadata
-
-    def _load_sapo_state(self, path: str) -> None:
-        checkpoint.check_same_run(
-            path,
-            checkpoint.read_json(os.path.join(path, checkpoint.RUN_FILE)),
-            checkpoint.run_identity(self.args, self.train_dataset, self.accelerator.unwrap_model(self.model)),
-        )
-        tensors, metadata = checkpoint.load_rank_state(path, self.args.process_index)
-        self.buffer.load_state_dict(checkpoint.buffer_from_tensors(tensors, metadata["buffer"]))
-        self.cut_generator.set_state(tensors["cut_generator_state"])
-        self.segment_generator.generator.set_state(tensors["sampling_generator_state"])
-        self.ema.num_updates = metadata["ema_updates"]
-        self.ref_model_sync_steps = metadata["ref_model_sync_steps"]
-        self._reference_version = metadata["reference_version"]
-        self._steps_generated_ahead = metadata["steps_generated_ahead"]
-        self._window.clear()
-        checkpoint.load_weights(self.ema, os.path.join(path, checkpoint.EMA_FILE))
-        if self.reference is not None:
-            checkpoint.load_weights(self.reference, os.path.join(path, checkpoint.REFERENCE_FILE))

@@ -1,0 +1,146 @@
+"""The files of SAPO's part of a checkpoint: safetensors for tensors, JSON for the rest, each
+written so that a reader never sees half of it. Nothing here unpickles."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from itertools import accumulate
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from sapo.copies.contract import CopyWeights
+
+RUN_FILE = "sapo_run.json"
+EMA_FILE = "sapo_ema.safetensors"
+REFERENCE_FILE = "sapo_reference.safetensors"
+PAIR_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def rank_files(directory: str | Path, rank: int) -> tuple[Path, Path]:
+    directory = Path(directory)
+    return directory / f"sapo_rank{rank}.safetensors", directory / f"sapo_rank{rank}.json"
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(temporary, path)
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def buffer_to_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split a ``ReplayBuffer.state_dict()`` of SAPO pairs into flat tensors and JSON metadata."""
+    items = state["items"]
+    tensors = {"buffer_generator_state": state["generator_state"]}
+    for field in PAIR_FIELDS:
+        sequences = [item[field] for item in items]
+        tensors[f"buffer_{field}"] = torch.tensor([t for s in sequences for t in s], dtype=torch.int64)
+        tensors[f"buffer_{field}_lengths"] = torch.tensor([len(s) for s in sequences], dtype=torch.int64)
+    tensors["buffer_step"] = torch.tensor([item["step"] for item in items], dtype=torch.int64)
+    # reference log-probs cached on a pair for one reference version (-1: none cached)
+    tensors["buffer_ref_version"] = torch.tensor(
+        [item.get("ref_version", -1) for item in items], dtype=torch.int64
+    )
+    tensors["buffer_ref_logps"] = torch.tensor(
+        [item.get("ref_logps", (0.0, 0.0)) for item in items], dtype=torch.float64
+    ).reshape(-1, 2)
+    tensors["buffer_times_sampled"] = torch.tensor(state["times_sampled"], dtype=torch.int64)
+    tensors["buffer_added"] = torch.tensor(state["added"], dtype=torch.int64)
+    metadata = {key: state[key] for key in ("capacity", "seed", "total_added")}
+    return tensors, metadata
+
+
+def buffer_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`buffer_to_tensors`."""
+    columns = {}
+    for field in PAIR_FIELDS:
+        flat = tensors[f"buffer_{field}"].tolist()
+        lengths = tensors[f"buffer_{field}_lengths"].tolist()
+        offsets = [0, *accumulate(lengths)][:-1]
+        columns[field] = [flat[start : start + length] for start, length in zip(offsets, lengths)]
+    steps = tensors["buffer_step"].tolist()
+    ref_versions = tensors["buffer_ref_version"].tolist()
+    ref_logps = [tuple(values) for values in tensors["buffer_ref_logps"].tolist()]
+    items = []
+    for i, step in enumerate(steps):
+        item = {**{field: columns[field][i] for field in PAIR_FIELDS}, "step": step}
+        if ref_versions[i] >= 0:
+            item["ref_logps"], item["ref_version"] = ref_logps[i], ref_versions[i]
+        items.append(item)
+    return {
+        **metadata,
+        "items": items,
+        "times_sampled": tensors["buffer_times_sampled"].tolist(),
+        "added": tensors["buffer_added"].tolist(),
+        "generator_state": tensors["buffer_generator_state"],
+    }
+
+
+def save_rank_state(
+    directory: str | Path, rank: int, tensors: dict[str, torch.Tensor], metadata: dict
+) -> None:
+    tensor_path, json_path = rank_files(directory, rank)
+    save_file({name: t.contiguous() for name, t in tensors.items()}, str(tensor_path))
+    write_json(json_path, metadata)
+
+
+def load_rank_state(directory: str | Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensor_path, json_path = rank_files(directory, rank)
+    if not tensor_path.exists() or not json_path.exists():
+        raise ValueError(f"checkpoint {directory} has no SAPO state for rank {rank}")
+    return load_file(str(tensor_path)), read_json(json_path)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    save_file({name: t.detach().contiguous() for name, t in tensors.items()}, str(path))
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    if not Path(path).exists():
+        raise ValueError(f"checkpoint is missing {Path(path).name}")
+    return load_file(str(path))
+
+
+def publish(staged: str | Path, final: str | Path) -> None:
+    """Move a fully written checkpoint folder to its final name in one rename.
+
+    A folder already at ``final`` (a run that re-saves a step it reached before) is moved aside
+    first and removed only once the new one is in place.
+    """
+    staged, final = Path(staged), Path(final)
+    displaced = None
+    if final.exists():
+        displaced = final.with_name(f".replaced-{final.name}")
+        if displaced.exists():
+            shutil.rmtree(displaced)
+        os.replace(final, displaced)
+    os.replace(staged, final)
+    if displaced is not None:
+        shutil.rmtree(displaced, ignore_errors=True)
+
+
+def save_weights(copy: CopyWeights, path: str | Path, is_main_process: bool) -> None:
+    """Write the EMA's or the reference's whole weights to one file; every rank must call this.
+
+    Weights distributed across ranks (FSDP2 shards, ZeRO-3 slices) are gathered one tensor at a
+    time, so the file is the same as an unsharded run's; only the main process writes it.
+    """
+    tensors = copy.full_tensors(keep=is_main_process)
+    if is_main_process:
+        save_tensors(tensors, path)
+
+
+def load_weights(copy: CopyWeights, path: str | Path) -> None:
+    """Inverse of :func:`save_weights`: a distributed copy keeps this rank's part of each tensor."""
+    copy.load_full_tensors(load_tensors(path))

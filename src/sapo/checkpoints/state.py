@@ -1,0 +1,124 @@
+"""SAPO's state beside Trainer's: what a checkpoint must hold for a resumed run to continue exactly.
+
+:class:`SAPOState` gathers the trainer's SAPO components (the replay buffer, the generators of
+cuts and of sampling, the EMA and the reference, and a few counters) and writes or restores
+them; :func:`staged_checkpoint` writes a whole checkpoint under a temporary name and publishes it
+with one rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sapo.buffer import ReplayBuffer
+from sapo.checkpoints.files import (
+    EMA_FILE,
+    REFERENCE_FILE,
+    buffer_from_tensors,
+    buffer_to_tensors,
+    load_rank_state,
+    load_weights,
+    publish,
+    save_rank_state,
+    save_weights,
+)
+from sapo.copies.contract import EMA, Reference
+from sapo.window import GenerationWindow
+
+STAGING = ".staging"
+
+
+@dataclass
+class Progress:
+    """SAPO's counters that are not Trainer's.
+
+    Attributes:
+        reference_version: bumped at every reference sync; cached reference log-probs carry it.
+        ref_model_sync_steps: the sync interval in force (``None`` until one epoch's length is known).
+    """
+
+    reference_version: int = 0
+    ref_model_sync_steps: int | None = None
+
+
+@dataclass
+class SAPOState:
+    """The trainer's SAPO components, saved and restored together (one rank's view)."""
+
+    buffer: ReplayBuffer
+    cut_generator: torch.Generator
+    sampling_generator: torch.Generator
+    ema: EMA
+    reference: Reference | None
+    window: GenerationWindow
+    progress: Progress = field(default_factory=Progress)
+
+    def save(self, directory: str | Path, rank: int, is_main_process: bool, global_step: int) -> None:
+        """Write this rank's buffer, generators and counters, and (main process) the EMA and
+        reference weights. Every rank must call this: distributed weights are gathered."""
+        tensors, buffer_metadata = buffer_to_tensors(self.buffer.state_dict())
+        tensors["cut_generator_state"] = self.cut_generator.get_state()
+        tensors["sampling_generator_state"] = self.sampling_generator.get_state()
+        metadata = {
+            "buffer": buffer_metadata,
+            "global_step": global_step,
+            "ema_updates": self.ema.num_updates,
+            "ref_model_sync_steps": self.progress.ref_model_sync_steps,
+            "reference_version": self.progress.reference_version,
+            "steps_generated_ahead": self.window.steps_ahead,
+        }
+        save_rank_state(directory, rank, tensors, metadata)
+        save_weights(self.ema, os.path.join(directory, EMA_FILE), is_main_process)
+        if self.reference is not None:
+            save_weights(self.reference, os.path.join(directory, REFERENCE_FILE), is_main_process)
+
+    def load(self, directory: str | Path, rank: int) -> None:
+        """Restore what :meth:`save` wrote, in place."""
+        tensors, metadata = load_rank_state(directory, rank)
+        self.buffer.load_state_dict(buffer_from_tensors(tensors, metadata["buffer"]))
+        self.cut_generator.set_state(tensors["cut_generator_state"])
+        self.sampling_generator.set_state(tensors["sampling_generator_state"])
+        self.ema.num_updates = metadata["ema_updates"]
+        self.progress.ref_model_sync_steps = metadata["ref_model_sync_steps"]
+        self.progress.reference_version = metadata["reference_version"]
+        self.window.restore(metadata["steps_generated_ahead"])
+        load_weights(self.ema, os.path.join(directory, EMA_FILE))
+        if self.reference is not None:
+            load_weights(self.reference, os.path.join(directory, REFERENCE_FILE))
+
+
+@contextlib.contextmanager
+def staged_checkpoint(
+    run_dir: str, name: str, is_main_process: bool, wait_for_everyone: Callable[[], None]
+) -> Iterator[str]:
+    """The folder to write checkpoint ``name`` into; published as ``run_dir/name`` when the block ends.
+
+    A process killed at any moment leaves either the complete new checkpoint or none, and the
+    previous ones untouched. A staged folder left by a run killed while saving is removed first.
+    Nothing is published if the block raises.
+    """
+    staged = os.path.join(run_dir, STAGING, name)
+    if is_main_process and os.path.exists(staged):
+        shutil.rmtree(staged)
+    wait_for_everyone()
+    yield staged
+    wait_for_everyone()
+    if is_main_process:
+        publish(staged, os.path.join(run_dir, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(staged))
+    wait_for_everyone()
+
+
+def weights_finite(model: torch.nn.Module, accelerator) -> bool:
+    """Whether the weights are finite on every rank; each checks its own (under ZeRO-3 its slices)
+    and every rank must call this."""
+    local = all(torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in model.parameters())
+    return bool(accelerator.gather(torch.tensor([float(local)], device=accelerator.device)).all())

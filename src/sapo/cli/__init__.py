@@ -1,0 +1,118 @@
+"""The ``sapo`` command.
+
+    sapo train --config recipes/llama-3-8b/sapo-dpo.yaml [--field value ...]
+    sapo sft   --config recipes/llama-3-8b/sft.yaml [--field value ...]
+    sapo spin  --model_name_or_path MODEL --dataset_name DATA [--field value ...]
+    sapo eval  --model_name_or_path MODEL --dataset_name DATA [--field value ...]
+    sapo demo  [--output_dir sapo-demo] [--overwrite]
+
+Each command runs in two phases. ``prepare`` checks all of the input (arguments, model, data,
+tokenization) and writes nothing; its output is held back until it succeeds. Then the returned
+``run`` does the work. Bad input ends the command in ``prepare`` with exit status 2 and a single
+line ``error: ...`` on stderr; ``--debug`` shows the traceback and the held-back output instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+
+from sapo.cli.arguments import closest
+from sapo.cli.commands import COMMANDS
+
+USAGE = """usage: sapo <command> [--config FILE.yaml] [--field value ...] [--debug]
+
+Self-Augmented Preference Optimization (arXiv 2405.20830).
+
+commands:
+  train   SAPO training (SAPO-DPO or SAPO-ORPO) on SFT data
+  sft     supervised fine-tuning, e.g. the warm start for SAPO-DPO
+  spin    the SPIN baseline: each iteration trains on gold vs the model's own full answers
+  eval    gold log-prob, gold-vs-own-segment margin, win rate (and exact match on built-in tasks)
+  demo    offline demo on a built-in task: SFT vs SAPO-DPO vs SAPO-ORPO, in minutes on a CPU
+
+`sapo <command> --help` lists a command's fields. Built-in names work offline:
+models builtin:tiny, builtin:small, builtin:tiny-multiplication-sft,
+builtin:tiny-long-multiplication-sft; datasets builtin:addition, builtin:multiplication,
+builtin:long-multiplication (splits train, preference, validation, test)."""
+
+# bad input surfaces as one of these while a command prepares
+INPUT_ERRORS = (ValueError, TypeError, KeyError, OSError)
+
+
+def _name_the_cpu_for_deepspeed() -> None:
+    """DeepSpeed, when installed, prints to stdout that it fell back to the CPU whenever accelerate
+    imports it; on a machine with no accelerator, name the CPU up front so that nothing lands
+    among the command's output (tables, JSON)."""
+    if "DS_ACCELERATOR" in os.environ:
+        return
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    available = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    if not available:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sapo`` console script; returns the exit status."""
+    _name_the_cpu_for_deepspeed()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [item for item in argv if item != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}{closest(command, list(COMMANDS))}", file=sys.stderr)
+        return 2
+    held_back = io.StringIO()
+    try:
+        with _holding_stderr(held_back):
+            run = COMMANDS[command](rest)
+    except INPUT_ERRORS as error:
+        if debug:
+            sys.stderr.write(held_back.getvalue())
+            raise
+        message = " ".join(str(error).split()) if not isinstance(error, KeyError) else f"missing key {error}"
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    sys.stderr.write(held_back.getvalue())
+    run()
+    return 0
+
+
+@contextlib.contextmanager
+def _holding_stderr(buffer: io.StringIO) -> Iterator[None]:
+    """Collect everything written to stderr (Python writes and file descriptor 2) into ``buffer``.
+
+    Libraries print progress bars and warnings while a command prepares; on bad input the user
+    should see the one ``error:`` line only.
+    """
+    sys.stderr.flush()
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        try:
+            saved_fd = os.dup(2)
+        except OSError:  # no file descriptor 2 (embedded interpreters): hold Python writes only
+            saved_fd = None
+        if saved_fd is not None:
+            os.dup2(captured.fileno(), 2)
+        try:
+            with contextlib.redirect_stderr(buffer):
+                yield
+        finally:
+            if saved_fd is not None:
+                sys.__stderr__.flush()
+                os.dup2(saved_fd, 2)
+                os.close(saved_fd)
+                captured.seek(0)
+                buffer.write(captured.read().decode(errors="replace"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""What the trainer may ask of the EMA model and of the DPO reference, wherever their weights live.
+
+Four homes implement both contracts in full: whole copies (:class:`sapo.ema.EMAModel`,
+:class:`sapo.copies.whole.CopiedReference`), LoRA adapters on the policy's base
+(:mod:`sapo.copies.lora`), FSDP2 shards (:mod:`sapo.copies.fsdp2`) and ZeRO-3 partitions
+(:mod:`sapo.copies.zero3`). Callers use these members only; none probes for others.
+
+Two kinds of weight access serve two needs:
+
+- ``tensors`` / ``load_tensors``: this rank's part of each weight (the whole weight when not
+  distributed). A reference sync is ``reference.load_tensors(ema.tensors())``: local, no collective.
+- ``full_tensors`` / ``load_full_tensors``: whole weights, for checkpoint files that are the same
+  whatever the placement. Every rank must call them together when ``sharded`` is true.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class CopyWeights(Protocol):
+    """Weight access shared by the EMA and the reference."""
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the weights are distributed across ranks: the model's forward is then a
+        collective, and every rank must score or sample in the same steps."""
+        ...
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's part of each weight, by parameter name (tied weights once)."""
+        ...
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy same-named parts (from :meth:`tensors` of a copy placed alike) into these weights."""
+        ...
+
+    def full_tensors(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """Whole weights on the CPU; ``keep=False`` (ranks that do not write) returns ``{}``."""
+        ...
+
+    def load_full_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set these weights from whole tensors; each rank keeps its own part."""
+        ...
+
+
+@runtime_checkable
+class EMA(CopyWeights, Protocol):
+    """The float32 moving average of the policy, which samples SAPO's segments."""
+
+    decay: float
+    num_updates: int
+
+    def update(self, policy: nn.Module) -> None:
+        """``ema = decay * ema + (1 - decay) * policy``; counts one update."""
+        ...
+
+    def sampling_model(self) -> AbstractContextManager[nn.Module]:
+        """A model to generate with, holding the averaged weights, for the ``with`` block."""
+        ...
+
+
+@runtime_checkable
+class Reference(CopyWeights, Protocol):
+    """The frozen DPO reference: scores answers, never trains."""
+
+    @property
+    def model(self) -> nn.Module:
+        """The module whose forward scores (for LoRA, the policy model itself)."""
+        ...
+
+    def scoring_model(self) -> AbstractContextManager[nn.Module]:
+        """The model to score with, reference weights active, for the ``with`` block."""
+        ...
+
+
+@contextlib.contextmanager
+def unsynced_generate(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` whose ``generate`` runs with ``synced_gpus=False`` for the block.
+
+    transformers turns ``synced_gpus`` on under ZeRO-3 and FSDP, which keeps every rank decoding
+    until the longest row of any rank ends, one all-reduce per token. Once the weights are
+    gathered whole for a generation call no rank needs the others: each stops at its own length.
+    """
+    model.generate = functools.partial(type(model).generate, model, synced_gpus=False)
+    try:
+        yield model
+    finally:
+        del model.generate  # back to the class's method

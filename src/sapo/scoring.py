@@ -1,0 +1,125 @@
+"""Score preference pairs under a causal LM: summed response log-probs of chosen and rejected.
+
+Two layouts of a batch of pairs give the same log-probs (:class:`PairScorer`):
+
+- padded (here): chosen and rejected rows in one forward pass (chosen first, then rejected),
+  right-padded; only response tokens count (prompt and padding are masked);
+- packed (:mod:`sapo.packing`): one row per pair, the shared prefix once.
+
+:func:`reference_logps` scores pairs under the DPO reference, reusing what it scored before.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from trl.trainer.utils import pad, selective_log_softmax
+
+from sapo.packing import pack_pairs, packed_completion_logps, supports_packing
+
+if TYPE_CHECKING:
+    from sapo.copies.contract import Reference
+
+
+def collate_pairs(pairs: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Stack pairs into ``input_ids``/``attention_mask``/``completion_mask`` of shape ``(2B, T)``.
+
+    Each pair holds ``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` (lists of ints). Rows
+    ``[:B]`` are prompt + chosen, rows ``[B:]`` prompt + rejected.
+    """
+    sequences, completion_masks = [], []
+    for side in ("chosen_ids", "rejected_ids"):
+        for pair in pairs:
+            prompt, response = pair["prompt_ids"], pair[side]
+            sequences.append(torch.tensor(list(prompt) + list(response), dtype=torch.long))
+            completion_masks.append(torch.tensor([0] * len(prompt) + [1] * len(response), dtype=torch.long))
+    return {
+        "input_ids": pad(sequences, padding_value=pad_token_id),
+        "attention_mask": pad([torch.ones_like(s) for s in sequences], padding_value=0),
+        "completion_mask": pad(completion_masks, padding_value=0),
+    }
+
+
+def completion_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs and response token counts, one value per row.
+
+    Returns ``(logps, lengths)`` with ``logps[i] = Σ_t log p(x_t | x_<t)`` over row ``i``'s
+    response tokens.
+    """
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits[:, :-1]
+    targets = batch["input_ids"][:, 1:]
+    mask = batch["completion_mask"][:, 1:].float()
+    per_token = selective_log_softmax(logits, targets).float()
+    return (per_token * mask).sum(dim=1), mask.sum(dim=1)
+
+
+@dataclass(frozen=True)
+class PairScorer:
+    """How a batch of pairs is laid out and scored: ``collate(pairs)`` builds the batch and
+    ``score(model, batch)`` returns ``(logps, lengths)``, rows ``[:B]`` chosen, ``[B:]`` rejected."""
+
+    collate: Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]]
+    score: Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+    packed: bool
+
+
+def pair_scorer(
+    layout: str, pad_token_id: int, models: Sequence[torch.nn.Module], max_length: int | None
+) -> PairScorer:
+    """The scorer for ``layout`` (``"packed"``, ``"padded"`` or ``"auto"``: packed where every one
+    of ``models`` takes the packed 4D mask exactly, see :func:`sapo.packing.supports_packing`)."""
+    packable = all(supports_packing(model, max_length) for model in models)
+    if layout == "packed" and not packable:
+        raise ValueError(
+            "pair_scoring='packed': the model's attention cannot take the packed 4D mask exactly "
+            "(it needs sdpa or eager attention and no window shorter than max_length); use 'auto' or 'padded'"
+        )
+    if layout not in ("auto", "packed", "padded"):
+        raise ValueError(f"pair_scoring={layout!r}: must be one of auto, packed, padded")
+    if layout == "padded" or not packable:
+        return PairScorer(
+            functools.partial(collate_pairs, pad_token_id=pad_token_id), completion_logps, False
+        )
+    return PairScorer(functools.partial(pack_pairs, pad_token_id=pad_token_id), packed_completion_logps, True)
+
+
+def reference_logps(
+    reference: Reference, pairs, version: int, scorer: PairScorer, device, collated=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs of each pair's chosen and rejected answers, ``(chosen, rejected)``.
+
+    A pair drawn again before the next sync (same ``version``) reuses the values stored on it
+    (``ref_logps``, ``ref_version``); only the other pairs go through the reference model, in one
+    batch laid out and scored by ``scorer``.
+    ``collated``, when given, is ``scorer.collate(pairs)`` (the policy's batch, which the caller has
+    already built): when every pair needs scoring it goes through the reference as it is. A pair
+    listed twice is scored twice; the trainer passes each distinct pair once.
+    A whole reference scores under ``torch.inference_mode``; a sharded one under ``no_grad``, as
+    its forward gathers weights in place.
+    """
+    # a sharded reference's forward gathers weights from all ranks: each rank scores every pair,
+    # every time, or a rank with nothing left to score would leave the others waiting
+    rescore = reference.sharded
+    missing = [p for p in pairs if rescore or p.get("ref_version") != version]
+    if missing:
+        whole = collated is not None and len(missing) == len(pairs)
+        batch = collated if whole else scorer.collate(missing)
+        batch = {name: tensor.to(device) for name, tensor in batch.items()}
+        grad_off = torch.no_grad() if rescore else torch.inference_mode()
+        with grad_off, reference.scoring_model() as model:
+            logps, _ = scorer.score(model, batch)
+        chosen, rejected = logps.float().cpu().chunk(2)
+        for pair, chosen_logp, rejected_logp in zip(missing, chosen.tolist(), rejected.tolist()):
+            pair["ref_logps"] = (chosen_logp, rejected_logp)
+            pair["ref_version"] = version
+    chosen = torch.tensor([p["ref_logps"][0] for p in pairs], dtype=torch.float32)
+    rejected = torch.tensor([p["ref_logps"][1] for p in pairs], dtype=torch.float32)
+    return chosen, rejected
