@@ -12,9 +12,9 @@ same placements), which makes every per-step operation local:
   per FSDP unit, as TRL's ``ds3_gather_for_generation`` does for ZeRO-3) and reshards after, so
   the token loop runs on whole weights with no collective per token or per layer;
 - ``ShardedReference.scoring_model()`` is an ordinary FSDP2 forward (one unit unsharded at a
-  time): every rank must score in the same steps (see :func:`sapo.copies.reference_logps`).
+  time): every rank must score in the same steps (see :func:`sapo.scoring.reference_logps`).
 
-Checkpoints hold whole tensors (:func:`sapo.checkpoints.save_weights`): ``full_tensors`` gathers
+Checkpoints hold whole tensors (:func:`sapo.checkpoints.files.save_weights`): ``full_tensors`` gathers
 them on every rank, one at a time, and ``load_full_tensors`` keeps this rank's shard, so the files
 are the same as an unsharded run's.
 """

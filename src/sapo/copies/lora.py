@@ -177,7 +177,7 @@ class AdapterReference(_AdapterWeights):
     """The DPO reference as the ``sapo_reference`` adapter; starts as a copy of the policy adapter.
 
     Under ZeRO-3 or FSDP2 its forward is collective: every rank scores at every step (see
-    :func:`sapo.copies.reference_logps`)."""
+    :func:`sapo.scoring.reference_logps`)."""
 
     adapter_name = REFERENCE_ADAPTER
 

@@ -14,7 +14,7 @@ every per-step operation stays local:
   forward hooks off for the call (TRL's ``ds3_gather_for_generation``), so the token loop runs
   on whole weights with no collective per token or per layer;
 - ``ZeroReference.scoring_model()`` is an ordinary ZeRO-3 forward (each layer gathered in
-  turn): every rank must score in the same steps (see :func:`sapo.copies.reference_logps`).
+  turn): every rank must score in the same steps (see :func:`sapo.scoring.reference_logps`).
 
 Neither copy keeps "persistent" (never released) weights: a local update writes the slices, and
 a persistent whole copy would go stale.
