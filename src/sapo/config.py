@@ -71,8 +71,9 @@ def derived_prompt_limit(max_length: int | None, generated_length: int) -> int |
     return max_length - min(generated_length, max_length // 2)
 
 
-class _Checks:
-    """One validator per knob: each raises ``ValueError`` naming the field and its value."""
+class Checks:
+    """One validator per knob, for any settings object (configs, `sapo eval`'s arguments): each
+    raises ``ValueError`` naming the field and its value."""
 
     def __init__(self, config):
         self.config = config
@@ -89,6 +90,23 @@ class _Checks:
     def choice(self, name: str, choices: tuple[str, ...]) -> None:
         if getattr(self.config, name) not in choices:
             self.fail(name, f"must be one of {', '.join(choices)}")
+
+    def sampling(self) -> None:
+        """``temperature``, ``top_p`` and ``top_k`` of segment sampling."""
+        self.positive("temperature")
+        if not 0.0 < self.config.top_p <= 1.0:
+            self.fail("top_p", "must be in (0, 1]")
+        if self.config.top_k < 0:
+            self.fail("top_k", "must be >= 0 (0 disables it)")
+
+    def lengths(self) -> None:
+        """``max_length`` and ``max_prompt_length``: room for a prompt and an answer."""
+        max_length, max_prompt_length = self.config.max_length, self.config.max_prompt_length
+        if max_length is not None and max_length <= 1:
+            self.fail("max_length", "must be at least 2 tokens")
+        self.positive("max_prompt_length")
+        if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
+            self.fail("max_prompt_length", f"must be smaller than max_length ({max_length})")
 
 
 @dataclass
@@ -133,19 +151,14 @@ class PreferenceConfig(TrainingArguments):
         if self.max_prompt_length is None:
             self.max_prompt_length = derived_prompt_limit(self.max_length, self.generated_length())
         check_training_arguments(self)
-        self.validate(_Checks(self))
+        self.validate(Checks(self))
         super().__post_init__()
 
-    def validate(self, check: _Checks) -> None:
+    def validate(self, check: Checks) -> None:
         """Check the shared fields; subclasses add theirs and call this."""
         check.positive("beta")
         check.positive("dataset_num_proc", what="must be at least 1")
-        if self.max_length is not None and self.max_length <= 1:
-            check.fail("max_length", "must be at least 2 tokens")
-        check.positive("max_prompt_length")
-        if self.max_length is not None and self.max_prompt_length is not None:
-            if self.max_prompt_length >= self.max_length:
-                check.fail("max_prompt_length", f"must be smaller than max_length ({self.max_length})")
+        check.lengths()
 
 
 @dataclass
@@ -259,7 +272,7 @@ class SAPOConfig(PreferenceConfig):
     def generated_length(self) -> int:
         return self.segment_length
 
-    def validate(self, check: _Checks) -> None:
+    def validate(self, check: Checks) -> None:
         check.choice("loss_type", LOSS_TYPES)
         check.choice("pair_scoring", PAIR_SCORINGS)
         check.choice("generation_backend", GENERATION_BACKENDS)
@@ -281,11 +294,7 @@ class SAPOConfig(PreferenceConfig):
                 "replay_buffer_size",
                 f"must hold at least one batch ({self.per_device_train_batch_size} pairs)",
             )
-        check.positive("temperature")
-        if not 0.0 < self.top_p <= 1.0:
-            check.fail("top_p", "must be in (0, 1]")
-        if self.top_k < 0:
-            check.fail("top_k", "must be >= 0 (0 disables it)")
+        check.sampling()
         super().validate(check)
 
 
