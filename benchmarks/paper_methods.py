@@ -12,10 +12,11 @@ where its rejected answers come from:
   dataset, chosen = gold, rejected = one answer sampled from the warm start before training;
 - ``SAPO-DPO`` / ``SAPO-ORPO``: ``SAPOTrainer``, rejected = gold with a segment rewritten by the
   EMA model during training;
-- ``SAPO-DPO, full answers``: ablation, the EMA model rewrites the whole answer (no gold prefix,
-  no gold suffix);
-- ``SAPO-DPO, on-policy``: ablation, a replay buffer of one batch, so every step trains on the
-  pairs it has just generated.
+- ablations of SAPO (``ABLATIONS``), each trained at the learning rate chosen for the method it
+  ablates: ``full answers`` (the EMA model rewrites the whole answer: no gold prefix, no gold
+  suffix), ``on-policy`` (a replay buffer of one batch, so every step trains on the pairs it has
+  just generated), ``segment N`` (the segment length), ``EMA decay D`` (0 samples from the policy
+  itself), ``β B`` and ``ties skipped`` (``SAPOConfig.skip_tied_pairs``).
 
 The cost of a method is the tokens it generated (sampled answers or segments, before or during
 training) and the wall seconds of generation plus training, evaluation excluded.
@@ -31,7 +32,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from sapo.builtin.tasks import MAX_LENGTH, MAX_PROMPT_LENGTH
+from sapo.builtin.tasks import get_task
 
 # the learning-rate family each method's grid is taken from
 FAMILY = {
@@ -42,11 +43,22 @@ FAMILY = {
     "ORPO": "orpo",
     "SAPO-DPO": "dpo",
     "SAPO-ORPO": "orpo",
-    "SAPO-DPO, full answers": "dpo",
-    "SAPO-DPO, on-policy": "dpo",
 }
-METHODS = tuple(FAMILY)
-FULL_ANSWER = MAX_LENGTH  # a segment this long rewrites any built-in answer whole
+# ablation -> (the method it ablates, whose chosen rate it reuses; SAPOConfig fields it changes)
+ABLATIONS = {
+    "SAPO-DPO, ties skipped": ("SAPO-DPO", {"skip_tied_pairs": True}),
+    "SAPO-ORPO, ties skipped": ("SAPO-ORPO", {"skip_tied_pairs": True}),
+    "SAPO-DPO, full answers": ("SAPO-DPO", {"segment_length": "whole answer"}),
+    "SAPO-DPO, segment 4": ("SAPO-DPO", {"segment_length": 4}),
+    "SAPO-DPO, segment 16": ("SAPO-DPO", {"segment_length": 16}),
+    "SAPO-DPO, segment 32": ("SAPO-DPO", {"segment_length": 32}),
+    "SAPO-DPO, EMA decay 0": ("SAPO-DPO", {"ema_decay": 0.0}),
+    "SAPO-DPO, EMA decay 0.9": ("SAPO-DPO", {"ema_decay": 0.9}),
+    "SAPO-DPO, on-policy": ("SAPO-DPO", {"replay_buffer_size": "one batch"}),
+    "SAPO-DPO, β 0.1": ("SAPO-DPO", {"beta": 0.1}),
+    "SAPO-DPO, β 2": ("SAPO-DPO", {"beta": 2.0}),
+}
+METHODS = (*FAMILY, *ABLATIONS)
 
 
 @dataclass(frozen=True)
@@ -73,7 +85,7 @@ def warm_start_name(task: str) -> str:
 
 
 def run_job(job: Job) -> dict:
-    """Train ``job.method`` and return its validation and test exact match and its cost."""
+    """Train ``job.method``; return its validation and test exact match and edit distance, and its cost."""
     import torch
 
     torch.set_num_threads(1)  # a 0.1M-parameter model gains nothing from more threads
@@ -86,7 +98,7 @@ def run_job(job: Job) -> dict:
 
     disable_progress_bar()
 
-    from sapo.builtin.tasks import task_accuracy, task_dataset
+    from sapo.builtin.tasks import task_dataset, task_scores
     from sapo.cli.arguments import ModelArguments
     from sapo.cli.loading import load_model, load_tokenizer
 
@@ -97,24 +109,29 @@ def run_job(job: Job) -> dict:
     train = training_rows(task_dataset(job.task, "preference"), job.steps * job.batch_size, job.seed)
 
     started = time.perf_counter()
-    generated = 0
+    generated, extra = 0, {}
     if job.method != "SFT":
         # the trainers' logs and progress bars go to the run's folder, not the table's terminal
         Path(job.output_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(job.output_dir) / "train.log", "w") as log:
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                model, generated = RUNNERS[job.method](job, model, tokenizer, train)
+                model, generated, extra = runner(job.method)(job, model, tokenizer, train)
     seconds = time.perf_counter() - started
 
+    validation = task_scores(model, tokenizer, job.task, "validation", job.validation_rows)
+    test = task_scores(model, tokenizer, job.task, "test", job.test_rows)
     return {
         "task": job.task,
         "method": job.method,
         "learning_rate": job.learning_rate,
         "seed": job.seed,
-        "validation_accuracy": task_accuracy(model, tokenizer, job.task, "validation", job.validation_rows),
-        "test_accuracy": task_accuracy(model, tokenizer, job.task, "test", job.test_rows),
+        "validation_accuracy": validation["exact_match"],
+        "test_accuracy": test["exact_match"],
+        "validation_edit_distance": validation["edit_distance"],
+        "test_edit_distance": test["edit_distance"],
         "generated_tokens": int(generated),
         "seconds": round(seconds, 2),
+        **extra,
     }
 
 
@@ -135,31 +152,32 @@ def common_settings(job: Job) -> dict:
 def train_sft(job: Job, model, tokenizer, train):
     from trl import SFTConfig, SFTTrainer
 
-    args = SFTConfig(max_length=MAX_LENGTH, **common_settings(job))
+    args = SFTConfig(max_length=get_task(job.task).max_length, **common_settings(job))
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     trainer.train()
-    return trainer.model, 0
+    return trainer.model, 0, {}
 
 
 def train_spin(job: Job, model, tokenizer, train):
     from sapo.baselines.spin import SPINConfig, run_spin
 
+    task = get_task(job.task)
     settings = common_settings(job)
     settings["max_steps"] = job.steps // 2
     args = SPINConfig(
         spin_iterations=2,
         beta=job.beta,
-        max_new_tokens=MAX_LENGTH - MAX_PROMPT_LENGTH,
+        max_new_tokens=task.max_length - task.max_prompt_length,
         generation_batch_size=256,
-        max_length=MAX_LENGTH,
-        max_prompt_length=MAX_PROMPT_LENGTH,
+        max_length=task.max_length,
+        max_prompt_length=task.max_prompt_length,
         **settings,
     )
     model, histories = run_spin(model, args, train, processing_class=tokenizer)
-    return model, sum(history[0]["spin/generated_tokens"] for history in histories)
+    return model, sum(history[0]["spin/generated_tokens"] for history in histories), {}
 
 
-def sampled_pairs(model, tokenizer, train, seed: int, attempts: int = 4):
+def sampled_pairs(model, tokenizer, train, task_name: str, seed: int, attempts: int = 4):
     """Chosen = gold, rejected = an answer sampled from ``model`` (SAPO's sampling settings).
 
     A row whose sample equals its gold answer is sampled again, up to ``attempts`` times in all,
@@ -173,9 +191,10 @@ def sampled_pairs(model, tokenizer, train, seed: int, attempts: int = 4):
     from sapo.generation import SegmentGenerator
     from sapo.policy import eos_token_ids
 
-    rows = prepare_dataset(train, tokenizer, MAX_LENGTH, MAX_PROMPT_LENGTH)
+    task = get_task(task_name)
+    rows = prepare_dataset(train, tokenizer, task.max_length, task.max_prompt_length)
     if len(rows) != len(train):  # pairs are matched to ``train`` rows by position
-        raise ValueError(f"{len(train) - len(rows)} training rows do not fit max_length={MAX_LENGTH}")
+        raise ValueError(f"{len(train) - len(rows)} training rows do not fit max_length={task.max_length}")
     all_prompts, golds = rows[PROMPT_IDS], rows[GOLD_IDS]  # each column read once, as lists
     sampler = SegmentGenerator(tokenizer.pad_token_id, eos_token_ids(model, tokenizer), seed=seed)
     rejected: dict[int, list[int]] = {}
@@ -186,7 +205,7 @@ def sampled_pairs(model, tokenizer, train, seed: int, attempts: int = 4):
         for start in range(0, len(pending), 256):
             chunk = pending[start : start + 256]
             prompts = [all_prompts[index] for index in chunk]
-            answers = sampler.generate(model, prompts, [MAX_LENGTH - len(p) for p in prompts])
+            answers = sampler.generate(model, prompts, [task.max_length - len(p) for p in prompts])
             generated += sum(len(answer) for answer in answers)
             for index, answer in zip(chunk, answers):
                 if answer != golds[index]:
@@ -214,12 +233,13 @@ def sampled_pairs(model, tokenizer, train, seed: int, attempts: int = 4):
 
 def train_paired(job: Job, model, tokenizer, train):
     """TRL's DPO or ORPO on gold vs one answer sampled from the warm start."""
-    pairs, generated = sampled_pairs(model, tokenizer, train, job.seed)
+    pairs, generated = sampled_pairs(model, tokenizer, train, job.task, job.seed)
     settings = common_settings(job)
+    max_length = get_task(job.task).max_length
     if job.method == "DPO":
         from trl import DPOConfig, DPOTrainer
 
-        args = DPOConfig(beta=job.beta, max_length=MAX_LENGTH, **settings)
+        args = DPOConfig(beta=job.beta, max_length=max_length, **settings)
         trainer = DPOTrainer(
             model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=pairs,
             processing_class=tokenizer,
@@ -227,33 +247,46 @@ def train_paired(job: Job, model, tokenizer, train):
     else:
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-        args = ORPOConfig(beta=job.beta, max_length=MAX_LENGTH, **settings)
+        args = ORPOConfig(beta=job.beta, max_length=max_length, **settings)
         # the chat template has no BOS and the warm start never saw one; ORPO would prepend it
         orpo_tokenizer = copy.deepcopy(tokenizer)
         orpo_tokenizer.bos_token = None
         trainer = ORPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=orpo_tokenizer)
     trainer.train()
-    return trainer.model, generated
+    return trainer.model, generated, {"pairs": len(pairs)}
+
+
+def sapo_overrides(job: Job) -> dict:
+    """The SAPOConfig fields an ablation changes, resolved for ``job``'s task and batch size."""
+    _, overrides = ABLATIONS.get(job.method, (job.method, {}))
+    resolved = {"whole answer": get_task(job.task).max_length, "one batch": job.batch_size}
+    return {name: resolved.get(value, value) for name, value in overrides.items()}
 
 
 def train_sapo(job: Job, model, tokenizer, train):
     from sapo import SAPOConfig, SAPOTrainer
     from sapo.data import prepare_dataset
 
-    args = SAPOConfig(
-        loss_type="orpo" if job.method == "SAPO-ORPO" else "dpo",
+    task = get_task(job.task)
+    base = ABLATIONS.get(job.method, (job.method, {}))[0]
+    settings = dict(
+        loss_type="orpo" if base == "SAPO-ORPO" else "dpo",
         beta=job.beta,
-        segment_length=FULL_ANSWER if job.method == "SAPO-DPO, full answers" else job.segment_length,
-        replay_buffer_size=job.batch_size if job.method == "SAPO-DPO, on-policy" else 2000,
+        segment_length=job.segment_length,
+        replay_buffer_size=2000,
         ref_model_sync_steps=job.ref_model_sync_steps,
-        max_length=MAX_LENGTH,
-        max_prompt_length=MAX_PROMPT_LENGTH,
-        **common_settings(job),
+        max_length=task.max_length,
+        max_prompt_length=task.max_prompt_length,
     )
-    rows = prepare_dataset(train, tokenizer, MAX_LENGTH, MAX_PROMPT_LENGTH)
+    settings.update(sapo_overrides(job))
+    args = SAPOConfig(**settings, **common_settings(job))
+    rows = prepare_dataset(train, tokenizer, task.max_length, task.max_prompt_length)
     trainer = SAPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
     trainer.train()
-    return trainer.model, segment_tokens(trainer.state.log_history)
+    history = trainer.state.log_history
+    ties = [entry["sapo/tied_fraction"] for entry in history if "sapo/tied_fraction" in entry]
+    extra = {"tied_fraction": round(sum(ties) / len(ties), 4)} if ties else {}
+    return trainer.model, segment_tokens(history), extra
 
 
 def segment_tokens(log_history: list[dict]) -> float:
@@ -273,6 +306,9 @@ RUNNERS = {
     "ORPO": train_paired,
     "SAPO-DPO": train_sapo,
     "SAPO-ORPO": train_sapo,
-    "SAPO-DPO, full answers": train_sapo,
-    "SAPO-DPO, on-policy": train_sapo,
 }
+
+
+def runner(method: str):
+    """The training function of ``method`` (an ablation trains like the method it ablates)."""
+    return RUNNERS[ABLATIONS[method][0] if method in ABLATIONS else method]

@@ -5,7 +5,9 @@
 Runs `sapo sft --config recipes/warm-start/tiny-<task>-sft.yaml` (other flags are passed on to
 it), scores every saved checkpoint by greedy exact match on the task's validation split, and
 prints the curve. `--install` then copies the final weights into src/sapo/builtin/assets/tiny-<task>-sft,
-the built-in model `builtin:tiny-<task>-sft`. The last line printed is a JSON object.
+the built-in model `builtin:tiny-<task>-sft`. The final model is also scored on the first 1000
+rows of every split (train against test shows whether it learned its data by heart). The last
+line printed is a JSON object.
 
 Measure other budgets with e.g. `--max_steps 12000` (the cosine schedule then decays over the
 shorter run): the recipes' budgets are where the validation exact match stopped rising.
@@ -23,7 +25,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM
 
 from sapo.builtin import builtin_name, checkpoint_path
-from sapo.builtin.tasks import task_accuracy
+from sapo.builtin.tasks import SPLITS, task_accuracy
 from sapo.builtin.tiny import char_tokenizer
 from sapo.cli import main as sapo
 
@@ -35,6 +37,13 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
 def validation_accuracy(model_dir: Path, task: str) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     return task_accuracy(model, char_tokenizer(), task, "validation")
+
+
+def split_accuracies(model_dir: Path, task: str, rows: int = 1000) -> dict[str, float]:
+    """Exact match on the first ``rows`` of every split: a train score far above the test score
+    means the split was learned by heart."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return {split: task_accuracy(model, char_tokenizer(), task, split, rows) for split in SPLITS}
 
 
 def main() -> int:
@@ -68,6 +77,8 @@ def main() -> int:
         print(f"  step {step:>6}  {accuracy:.3f}")
     final = validation_accuracy(output, task)
     print(f"  final        {final:.3f}")
+    splits = split_accuracies(output, task)
+    print("  final, first 1000 rows of each split: " + ", ".join(f"{k} {v:.3f}" for k, v in splits.items()))
 
     if args.install:
         target = checkpoint_path(f"tiny-{task}-sft")
@@ -77,7 +88,13 @@ def main() -> int:
         print(f"installed {', '.join(MODEL_FILES)} into {target}")
     print(
         json.dumps(
-            {"task": task, "curve": curve, "final_accuracy": final, "train_minutes": round(minutes, 1)}
+            {
+                "task": task,
+                "curve": curve,
+                "final_accuracy": final,
+                "split_accuracy": splits,
+                "train_minutes": round(minutes, 1),
+            }  # fmt: skip
         )
     )
     return 0

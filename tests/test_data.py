@@ -1,5 +1,6 @@
 """`sapo.data.prepare_dataset`: formats, exact texts, EOS handling, length limits, malformed rows."""
 
+import copy
 import logging
 import re
 
@@ -255,3 +256,34 @@ def test_mixed_string_and_list(tokenizer, bad):
     rows = [dict(bad), dict(bad)]
     message = _expect_row_error(tokenizer, rows, 0, "prompt")
     assert "completion" in message
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_bad_row_past_the_first_batch_is_named(tokenizer):
+    rows = [_good_messages(i) for i in range(1500)]
+    rows[1234] = {"messages": [msg("user", "q"), msg("assistant", "")]}
+    _expect_row_error(tokenizer, rows, 1234, "messages")
+
+
+def test_a_bad_row_is_named_from_a_worker_process(tokenizer):
+    rows = [_good_messages(i) for i in range(40)]
+    rows[33] = {"messages": [msg("assistant", "a"), msg("user", "q")]}
+    with pytest.raises(ValueError, match=r"\brow 33\b.*messages"):
+        prepare_dataset(
+            Dataset.from_list(rows), tokenizer, max_length=None, max_prompt_length=None, num_proc=2
+        )
+
+
+def test_a_template_that_does_not_prefix_the_prompt_is_named_by_row(tokenizer):
+    template_tokenizer = copy.deepcopy(tokenizer)
+    # renders the generation prompt with an extra space the conversation does not have
+    template_tokenizer.chat_template = tokenizer.chat_template.replace(
+        "'<|assistant|>' }}", "'<|assistant|> ' }}"
+    )
+    rows = [_good_messages(0), _good_messages(1)]
+    with pytest.raises(ValueError, match=r"^row 0: the chat template does not render the prompt as a prefix"):
+        prepare_dataset(Dataset.from_list(rows), template_tokenizer, max_length=None, max_prompt_length=None)

@@ -1,12 +1,16 @@
-"""Every recipe parses into its command's dataclasses, offline, and the paper's recipes hold its numbers."""
+"""Every recipe parses into its command's dataclasses, offline, and the paper's recipes hold its
+numbers; every training recipe names its hardware, is launched for it and fits it (`sapo plan`)."""
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 from trl import SFTConfig
 
-from sapo import SAPOConfig
+from sapo.cli import main
 from sapo.cli.arguments import ArgumentParser, DataArguments, ModelArguments
+from sapo.cli.commands import train_arguments
 from sapo.cli.demo import DemoArguments
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -19,10 +23,12 @@ COMMAND_OF = {
     "mistral-7b/sapo-orpo.yaml": "train",
     "warm-start/tiny-multiplication-sft.yaml": "sft",
     "warm-start/tiny-long-multiplication-sft.yaml": "sft",
+    "warm-start/tiny-worked-multiplication-sft.yaml": "sft",
+    "warm-start/tiny-sorting-sft.yaml": "sft",
     "demo/demo.yaml": "demo",
 }
 DATACLASSES = {
-    "train": (SAPOConfig, ModelArguments, DataArguments),
+    "train": train_arguments(),
     "sft": (SFTConfig, ModelArguments, DataArguments),
     "demo": (DemoArguments,),
 }
@@ -60,7 +66,7 @@ def test_recipe_parses(name):
 
 @pytest.mark.parametrize("name", sorted(PAPER_RUNS))
 def test_paper_runs_use_the_papers_settings(name):
-    config, model_args, data_args = load(name)
+    config, model_args, data_args, *_ = load(name)
     model, loss_type = PAPER_RUNS[name]
     assert model_args.model_name_or_path == model and config.loss_type == loss_type
     assert (data_args.dataset_name, data_args.messages_column) == (
@@ -74,6 +80,9 @@ def test_paper_runs_use_the_papers_settings(name):
     assert (config.ema_decay, config.replay_buffer_size) == (0.5, 2000)
     assert (config.temperature, config.top_p, config.top_k) == (0.7, 0.95, 50)
     assert config.bf16 and config.gradient_checkpointing and config.seed == 42
+    # as the paper ran them: 8 GPUs under ZeRO-3, float32 master weights computing in bfloat16
+    hardware = load(name)[-1]
+    assert (hardware.distributed, hardware.num_gpus, model_args.torch_dtype) == ("zero3", 8, "float32")
     if loss_type == "dpo":
         assert (config.learning_rate, config.lr_scheduler_type, config.warmup_steps) == (5e-7, "linear", 0.1)
         assert (config.optim, config.beta, config.ref_model_sync_steps) == ("rmsprop", 0.1, None)
@@ -97,16 +106,49 @@ def test_llama_sft_warm_start():
 
 
 def test_lora_variant_keeps_the_global_batch_on_one_gpu():
-    config, model_args, _ = load("llama-3-8b/sapo-dpo-lora.yaml")
+    config, model_args, *_, hardware = load("llama-3-8b/sapo-dpo-lora.yaml")
     assert model_args.use_peft and model_args.lora_target_modules == ["all-linear"]
     assert config.per_device_train_batch_size * config.gradient_accumulation_steps == 64
+    assert (hardware.distributed, hardware.num_gpus) == ("single", 1)
+
+
+TRAINING_RECIPES = sorted(name for name, command in COMMAND_OF.items() if command == "train")
+
+
+@pytest.mark.parametrize("name", TRAINING_RECIPES)
+def test_the_launch_line_runs_where_the_recipe_plans(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    hardware = load(name)[-1]
+    text = (RECIPES / name).read_text()
+    launch = re.search(r"^#\s+(accelerate launch .*|sapo train .*)$", text, re.MULTILINE).group(1)
+    assert f"--config recipes/{name}" in launch
+    if hardware.distributed == "single":
+        assert launch.startswith("sapo train") and hardware.num_gpus == 1
+    else:
+        launcher = re.search(r"--config_file (\S+)", launch).group(1)
+        assert Path(launcher).stem == hardware.distributed
+        assert load_config_from_file(str(RECIPES.parent / launcher)).num_processes == hardware.num_gpus
+    assert (RECIPES.parent / hardware.model_config).is_file()  # the plan reads it offline
+
+
+@pytest.mark.parametrize("name", TRAINING_RECIPES)
+def test_every_training_recipe_fits_the_hardware_it_names(name, capsys, monkeypatch):
+    monkeypatch.chdir(RECIPES.parent)
+    assert main(["plan", "--config", f"recipes/{name}"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    hardware = load(name)[-1]
+    assert plan["fits"] is True and plan["per_device_gb"] > 0
+    assert (plan["num_gpus"], plan["gpu_memory_gb"], plan["distributed"]) == (
+        hardware.num_gpus, hardware.gpu_memory_gb, hardware.distributed
+    )  # fmt: skip
 
 
 def test_chat_template_renders_the_prompt_as_a_prefix():
     from sapo.builtin.tiny import char_tokenizer
     from sapo.data import tokenize_row
 
-    _, model_args, _ = load("llama-3-8b/sapo-orpo.yaml")
+    _, model_args, *_ = load("llama-3-8b/sapo-orpo.yaml")
     tokenizer = char_tokenizer()  # stands in for the Llama tokenizer: same template, EOS <|end|>
     tokenizer.chat_template = model_args.chat_template
     prompt_ids, gold_ids = tokenize_row(

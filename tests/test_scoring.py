@@ -21,7 +21,7 @@ def test_collate_pairs_layout_and_masks():
         {"prompt_ids": [14], "chosen_ids": [23], "rejected_ids": [32, 33, 34, 35]},
     ]
     batch = collate_pairs(pairs, pad_token_id=PAD)
-    assert set(batch) == {"input_ids", "attention_mask", "completion_mask"}
+    assert set(batch) == {"input_ids", "attention_mask", "completion_mask", "scored_positions"}
     # 2B rows; width = the longest prompt+response over both sides (1 + 4 = 5)
     expected_ids = torch.tensor(
         [
@@ -36,6 +36,8 @@ def test_collate_pairs_layout_and_masks():
     assert torch.equal(batch["input_ids"], expected_ids)
     assert torch.equal(batch["attention_mask"], expected_attention)
     assert torch.equal(batch["completion_mask"], expected_completion)
+    # flat indices row * 5 + t of the positions t that predict a response token
+    assert batch["scored_positions"].tolist() == [2, 3, 5, 12, 15, 16, 17, 18]
     for key in batch:
         assert batch[key].dtype == torch.long, key
 
@@ -55,8 +57,12 @@ def test_collate_pairs_random_shapes_and_masks():
         ]
         batch = collate_pairs(pairs, pad_token_id=pad)
         width = max(len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs)
-        for key in batch:
+        for key in ("input_ids", "attention_mask", "completion_mask"):
             assert batch[key].shape == (2 * b, width), key
+        # the scored positions are those predicting a completion token
+        predicts_response = torch.zeros(2 * b, width, dtype=torch.long)
+        predicts_response[:, :-1] = batch["completion_mask"][:, 1:]
+        assert batch["scored_positions"].tolist() == predicts_response.flatten().nonzero().flatten().tolist()
         for row in range(2 * b):
             pair = pairs[row % b]
             response = pair["chosen_ids"] if row < b else pair["rejected_ids"]

@@ -173,11 +173,29 @@ class SAPOConfig(PreferenceConfig):
         loss_type (`str`, *optional*, defaults to `"dpo"`):
             `"dpo"`: sigmoid DPO against a reference model refreshed from the EMA model.
             `"orpo"`: ORPO's NLL plus odds-ratio term; no reference model is built.
+        allow_low_precision_weights (`bool`, *optional*, defaults to `False`):
+            Train trainable weights that are bfloat16 or float16 although nothing keeps float32
+            master weights for them. Off, `SAPOTrainer` refuses them (`sapo.policy.
+            check_master_precision`): steps of the paper's size round away in bfloat16. Masters
+            exist under DeepSpeed ZeRO and under FSDP2 with mixed precision; LoRA adapters are
+            float32 anyway. Set it for an optimizer that compensates rounding itself.
         pair_scoring (`str`, *optional*, defaults to `"auto"`):
             How a pair is laid out for the policy and the reference. `"packed"`: one row holding
             the shared prompt and gold prefix once and both tails (a 4D attention mask: `sdpa` or
             `eager` attention). `"padded"`: chosen and rejected as two right-padded rows.
             `"auto"`: packed where every model takes the mask, padded elsewhere.
+        logprob_chunk_size (`int` or `None`, *optional*, defaults to `256`):
+            Positions per chunk of the language-model head when pairs are scored: each chunk's
+            logits are reduced to the scored tokens' log-probs and freed before the next, in the
+            forward and the backward, so the full `positions x vocabulary` logits never exist.
+            `0` or `None`: the model computes the logits of all scored positions at once. Used
+            where the result is provably the model's own (`sapo.logprobs.chunkable_head`: common
+            causal LMs with no logit soft-capping or scaling, a linear or LoRA head, not under
+            FSDP or ZeRO-3); elsewhere the model's logits are used. With DPO the head skips the
+            answer tokens chosen and rejected share at their start (`gold[:cut]` and any further
+            common tokens), whose log-probs cancel in the DPO margin: `logps/*` and `rewards/*`
+            are then sums over each answer after that shared part (`rewards/margins` and
+            `rewards/accuracies` are unchanged). ORPO scores whole answers.
 
         > Parameters that control SAPO's negatives
 
@@ -204,6 +222,12 @@ class SAPOConfig(PreferenceConfig):
             ZeRO-3 or FSDP); transformers' `generate` elsewhere. `"transformers"`: always
             `generate`, which also applies the model's own `generation_config` (e.g. a repetition
             penalty).
+        skip_tied_pairs (`bool`, *optional*, defaults to `False`):
+            Keep pairs whose rewrite equals the gold answer (ties) out of the replay buffer. A tie
+            has a zero margin and so no preference gradient (ORPO's NLL of the gold answer
+            remains), but takes a place in a training batch.
+            Ties still enter an empty buffer, which must hold something to train on. Whatever
+            the setting, the fraction of ties is logged as `sapo/tied_fraction`.
 
         > Parameters that control the EMA model, the replay buffer and the reference model
 
@@ -223,6 +247,26 @@ class SAPOConfig(PreferenceConfig):
             DPO only: copy the EMA weights into the reference every this many optimizer steps.
             `None` syncs once per epoch.
 
+        > Parameters that control what is logged and evaluated while training
+
+        log_pairs_steps (`int`, *optional*, defaults to `100`):
+            Every this many optimizer steps, append the 4 newest replay-buffer pairs, decoded, to
+            `output_dir/pairs.jsonl` (prompt, gold, and the rejected answer with the span the EMA
+            model rewrote marked `⟦...⟧`), and show them as a table on W&B or trackio when they are
+            in `report_to`; main process only. `0` disables it.
+        eval_lm_tasks (`str`, *optional*):
+            Comma-separated lm-evaluation-harness tasks (e.g. `ifeval`, or local tasks of
+            `eval_lm_include_path`) run on the policy every `eval_lm_steps` steps and logged as
+            `eval_<task>/<metric>`; needs `pip install 'sapo[eval]'` and a single process.
+            The held-out margins of `eval_dataset` follow Trainer's `eval_strategy` instead.
+        eval_lm_steps (`int`, *optional*, defaults to `500`):
+            Run `eval_lm_tasks` every this many optimizer steps.
+        eval_lm_limit (`int` or `None`, *optional*, defaults to `100`):
+            Documents per task in each of those runs (the harness's `limit`), to keep them cheap;
+            `None` runs every document.
+        eval_lm_include_path (`str`, *optional*):
+            Folder of local lm-eval task YAML files for `eval_lm_tasks`.
+
     > [!NOTE]
     > Defaults that differ from [`~transformers.TrainingArguments`]: `logging_steps=10` and
     > `remove_unused_columns=False` (the trainer builds its batches from the replay buffer).
@@ -232,9 +276,17 @@ class SAPOConfig(PreferenceConfig):
         default="dpo",
         metadata={"help": "Preference loss: 'dpo' (with a reference model) or 'orpo' (without)."},
     )
+    allow_low_precision_weights: bool = field(
+        default=False,
+        metadata={"help": "Train bfloat16/float16 weights that no float32 master copy backs."},
+    )
     pair_scoring: PairScoring = field(
         default="auto",
         metadata={"help": "'packed' (one row per pair), 'padded' (two rows), 'auto': packed where possible."},
+    )
+    logprob_chunk_size: int | None = field(
+        default=256,
+        metadata={"help": "Positions per chunk of the LM head when scoring pairs; 0 or None: all at once."},
     )
     segment_length: int = field(
         default=256, metadata={"help": "Tokens of the gold answer the EMA model rewrites."}
@@ -252,6 +304,9 @@ class SAPOConfig(PreferenceConfig):
         default="auto",
         metadata={"help": "'auto': SAPO's sampling loop where the model allows it; 'transformers'."},
     )
+    skip_tied_pairs: bool = field(
+        default=False, metadata={"help": "Keep pairs whose rewrite equals the gold answer out of the buffer."}
+    )
     ema_decay: float = field(
         default=0.5, metadata={"help": "Weight of the old average: ema = d * ema + (1 - d) * policy."}
     )
@@ -268,6 +323,19 @@ class SAPOConfig(PreferenceConfig):
         default=None,
         metadata={"help": "DPO: copy the EMA into the reference every this many steps; None: per epoch."},
     )
+    log_pairs_steps: int = field(
+        default=100, metadata={"help": "Append 4 decoded buffer pairs to output_dir/pairs.jsonl; 0: off."}
+    )
+    eval_lm_tasks: str | None = field(
+        default=None, metadata={"help": "Comma-separated lm-eval tasks run every eval_lm_steps steps."}
+    )
+    eval_lm_steps: int = field(default=500, metadata={"help": "Run eval_lm_tasks every this many steps."})
+    eval_lm_limit: int | None = field(
+        default=100, metadata={"help": "Documents per lm-eval task in each run; None: all."}
+    )
+    eval_lm_include_path: str | None = field(
+        default=None, metadata={"help": "Folder of local lm-eval task YAML files."}
+    )
 
     def generated_length(self) -> int:
         return self.segment_length
@@ -275,6 +343,8 @@ class SAPOConfig(PreferenceConfig):
     def validate(self, check: Checks) -> None:
         check.choice("loss_type", LOSS_TYPES)
         check.choice("pair_scoring", PAIR_SCORINGS)
+        if self.logprob_chunk_size is not None and self.logprob_chunk_size < 0:
+            check.fail("logprob_chunk_size", "must be a number of positions, or 0 or None for no chunks")
         check.choice("generation_backend", GENERATION_BACKENDS)
         check.positive("segment_length", what="must be a positive number of tokens")
         try:
@@ -295,6 +365,9 @@ class SAPOConfig(PreferenceConfig):
                 f"must hold at least one batch ({self.per_device_train_batch_size} pairs)",
             )
         check.sampling()
+        if self.log_pairs_steps < 0:
+            check.fail("log_pairs_steps", "must be a number of optimizer steps, or 0 to disable")
+        check.positive("eval_lm_steps", "eval_lm_limit", what="must be positive")
         super().validate(check)
 
 

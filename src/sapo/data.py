@@ -12,13 +12,16 @@ segment rule needs to know where an answer stops.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
-from datasets import Dataset
+from datasets import Dataset, Features, List, Value
 
 logger = logging.getLogger(__name__)
 
 PROMPT_IDS, GOLD_IDS = "prompt_ids", "gold_ids"
+# the columns' types, given to ``map`` so that it need not infer them from every batch
+TOKENIZED_FEATURES = Features({PROMPT_IDS: List(Value("int64")), GOLD_IDS: List(Value("int64"))})
 
 
 def _check_messages(messages: Any, index: int, column: str) -> None:
@@ -77,22 +80,58 @@ def split_row(row: dict[str, Any], index: int) -> tuple[Any, Any]:
 
 def tokenize_row(prompt: Any, answer: Any, tokenizer) -> tuple[list[int], list[int]]:
     """Token ids of the prompt and of the gold answer (ending in EOS)."""
-    eos = tokenizer.eos_token_id
-    if isinstance(prompt, str):
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        gold_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    else:
+    (prompt_ids,), (gold_ids,) = tokenize_rows([prompt], [answer], tokenizer)
+    return prompt_ids, gold_ids
+
+
+def tokenize_rows(
+    prompts: Sequence[Any], answers: Sequence[Any], tokenizer, indices: Sequence[int] | None = None
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of each prompt and of its gold answer (ending in EOS), for rows from :func:`split_row`.
+
+    Plain rows go through the tokenizer in one call per column; conversational rows through the
+    chat template in one call for the prompts and one for the whole conversations, then the
+    tokenizer likewise: the same ids as row by row, in a fraction of the time (fast tokenizers
+    encode a batch in parallel). ``indices`` name the rows in errors (default: their positions).
+    """
+    indices = range(len(prompts)) if indices is None else indices
+    prompt_ids: list[list[int]] = [[] for _ in prompts]
+    gold_ids: list[list[int]] = [[] for _ in prompts]
+    plain = [i for i, prompt in enumerate(prompts) if isinstance(prompt, str)]
+    chat = [i for i, prompt in enumerate(prompts) if not isinstance(prompt, str)]
+    if plain:
+        prompt_texts = [prompts[i] for i in plain]
+        answer_texts = [answers[i] for i in plain]
+        encoded = zip(
+            tokenizer(prompt_texts, add_special_tokens=True)["input_ids"],
+            tokenizer(answer_texts, add_special_tokens=False)["input_ids"],
+        )
+        for i, (prompt_row, gold_row) in zip(plain, encoded):
+            prompt_ids[i], gold_ids[i] = prompt_row, gold_row
+    if chat:
         if tokenizer.chat_template is None:
             raise ValueError(
                 "conversational data needs a tokenizer with a chat template (set `chat_template`)"
             )
-        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template(prompt + [answer], tokenize=False)
-        if not full_text.startswith(prompt_text):
-            raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        gold_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
-    return prompt_ids, _end_with_eos(gold_ids, eos, tokenizer)
+        prompt_texts = tokenizer.apply_chat_template(
+            [prompts[i] for i in chat], tokenize=False, add_generation_prompt=True
+        )
+        full_texts = tokenizer.apply_chat_template([prompts[i] + [answers[i]] for i in chat], tokenize=False)
+        for i, prompt_text, full_text in zip(chat, prompt_texts, full_texts):
+            if not full_text.startswith(prompt_text):
+                raise ValueError(
+                    f"row {indices[i]}: the chat template does not render the prompt as a prefix of the "
+                    "conversation"
+                )
+        answer_texts = [full[len(prompt) :] for prompt, full in zip(prompt_texts, full_texts)]
+        encoded = zip(
+            tokenizer(prompt_texts, add_special_tokens=False)["input_ids"],
+            tokenizer(answer_texts, add_special_tokens=False)["input_ids"],
+        )
+        for i, (prompt_row, gold_row) in zip(chat, encoded):
+            prompt_ids[i], gold_ids[i] = prompt_row, gold_row
+    eos = tokenizer.eos_token_id
+    return prompt_ids, [_end_with_eos(ids, eos, tokenizer) for ids in gold_ids]
 
 
 def _end_with_eos(gold_ids: list[int], eos: int, tokenizer) -> list[int]:
@@ -100,7 +139,7 @@ def _end_with_eos(gold_ids: list[int], eos: int, tokenizer) -> list[int]:
     token (which is then dropped); answers without a final EOS get one appended."""
     if eos in gold_ids:
         last = len(gold_ids) - 1 - gold_ids[::-1].index(eos)
-        if not tokenizer.decode(gold_ids[last + 1 :]).strip():
+        if last == len(gold_ids) - 1 or not tokenizer.decode(gold_ids[last + 1 :]).strip():
             return gold_ids[: last + 1]
     return gold_ids + [eos]
 
@@ -115,7 +154,8 @@ def prepare_dataset(
     """Validate and tokenize ``dataset`` into ``prompt_ids``/``gold_ids`` columns.
 
     Rows whose prompt is longer than ``max_prompt_length`` are dropped, with one warning that
-    counts them; gold answers are cut to fit ``max_length`` (their start is kept).
+    counts them; gold answers are cut to fit ``max_length`` (their start is kept). Rows are
+    tokenized in batches (:func:`tokenize_rows`), in ``num_proc`` processes when given.
     """
     if len(dataset) == 0:
         raise ValueError("the training dataset is empty")
@@ -129,37 +169,30 @@ def prepare_dataset(
             f"missing column: the dataset needs 'messages', or 'prompt' and 'completion'; "
             f"found {dataset.column_names}"
         )
-
-    def tokenize(row: dict[str, Any], index: int) -> dict[str, list[int]]:
-        prompt, answer = split_row(row, index)
-        prompt_ids, gold_ids = tokenize_row(prompt, answer, tokenizer)
-        return {PROMPT_IDS: prompt_ids, GOLD_IDS: gold_ids}
-
-    tokenized = dataset.map(
-        tokenize, with_indices=True, remove_columns=dataset.column_names, num_proc=num_proc, desc="Tokenizing"
-    )
     prompt_limit = max_prompt_length
     if max_length is not None:
         prompt_limit = min(prompt_limit or max_length - 1, max_length - 1)
-    if prompt_limit is not None:
-        kept = tokenized.filter(lambda row: len(row[PROMPT_IDS]) <= prompt_limit, num_proc=num_proc)
-        dropped = len(tokenized) - len(kept)
-        if dropped:
-            logger.warning(
-                "dropped %d of %d rows whose prompt is longer than %d tokens",
-                dropped,
-                len(tokenized),
-                prompt_limit,
-            )
-        if len(kept) == 0:
-            raise ValueError(
-                f"every row's prompt is longer than {prompt_limit} tokens; nothing left to train on"
-            )
-        tokenized = kept
-    if max_length is not None:
-        tokenized = tokenized.map(
-            lambda row: {GOLD_IDS: row[GOLD_IDS][: max_length - len(row[PROMPT_IDS])]}, num_proc=num_proc
+
+    def tokenize(batch: dict[str, list], indices: list[int]) -> dict[str, list[list[int]]]:
+        rows = ({column: values[i] for column, values in batch.items()} for i in range(len(indices)))
+        prompts, answers = zip(*(split_row(row, index) for row, index in zip(rows, indices)))
+        prompt_ids, gold_ids = tokenize_rows(prompts, answers, tokenizer, indices)
+        kept = [i for i, ids in enumerate(prompt_ids) if prompt_limit is None or len(ids) <= prompt_limit]
+        if max_length is not None:
+            gold_ids = [ids[: max_length - len(prompt)] for prompt, ids in zip(prompt_ids, gold_ids)]
+        return {PROMPT_IDS: [prompt_ids[i] for i in kept], GOLD_IDS: [gold_ids[i] for i in kept]}
+
+    tokenized = dataset.map(
+        tokenize, batched=True, with_indices=True, remove_columns=dataset.column_names, num_proc=num_proc,
+        features=TOKENIZED_FEATURES, desc="Tokenizing",
+    )  # fmt: skip
+    dropped = len(dataset) - len(tokenized)
+    if dropped:
+        logger.warning(
+            "dropped %d of %d rows whose prompt is longer than %d tokens", dropped, len(dataset), prompt_limit
         )
+    if len(tokenized) == 0:
+        raise ValueError(f"every row's prompt is longer than {prompt_limit} tokens; nothing left to train on")
     return tokenized
 
 

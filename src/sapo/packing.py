@@ -12,7 +12,12 @@ the hidden state it would get in its own unpadded sequence. :func:`pack_pairs` a
 :func:`packed_completion_logps` return what ``sapo.scoring.collate_pairs`` and
 ``sapo.scoring.completion_logps`` return for the same pairs, so either pair of functions can
 score a batch. Positions before the first scored token (the prompt) get no logits: the LM head
-and log-softmax, large with real vocabularies, run on the scored part only.
+and log-softmax, large with real vocabularies, run on the scored part only, in chunks where the
+model allows it (:mod:`sapo.logprobs`).
+
+For DPO the shared prefix's response tokens need no scoring at all: their log-probs are the same
+on both sides (same model, same context) and cancel in the margin. ``score_shared_prefix=False``
+leaves them out of both sides' sums, so the head runs only from the last prefix position on.
 """
 
 from __future__ import annotations
@@ -22,9 +27,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.distributed.fsdp import FSDPModule
-from transformers.integrations.fsdp import is_fsdp_managed_module
-from trl.trainer.utils import selective_log_softmax
+
+from sapo.logprobs import position_logps, uses_fsdp
 
 PREFIX, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1
 # attention implementations that accept an arbitrary 4D mask (flash attention and flex do not)
@@ -41,13 +45,14 @@ def common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
     return length
 
 
-def _pack_one(pair: dict[str, Any]) -> dict[str, Any]:
+def _pack_one(pair: dict[str, Any], score_shared_prefix: bool = True) -> dict[str, Any]:
     """One pair's packed row and, per side, the runs of positions whose predictions are scored.
 
     Position ``i`` of the packed row predicts the next token of the sequence it belongs to; the
     last prefix position predicts the first token of both tails, so targets come per side.
     A token at sequence position ``t`` is scored when it is a response token and ``t >= 1``
-    (the first token of a sequence has no prediction), as in ``collate_pairs``. Sequence
+    (the first token of a sequence has no prediction), as in ``collate_pairs``, and, without
+    ``score_shared_prefix``, when it lies past the shared prefix (``t >= shared``). Sequence
     position ``t - 1`` sits at packed position ``t - 1`` while inside the shared prefix and at
     ``offset + (t - 1 - shared)`` past it, so each side's targets fill at most two contiguous
     runs of the row: ``targets`` lists them as ``(column, start, tokens)``.
@@ -56,7 +61,7 @@ def _pack_one(pair: dict[str, Any]) -> dict[str, Any]:
     sides = (prompt + list(pair["chosen_ids"]), prompt + list(pair["rejected_ids"]))
     shared = common_prefix_length(*sides)
     tails = [sequence[shared:] for sequence in sides]
-    first = max(1, len(prompt))  # the first scored sequence position
+    first = max(1, len(prompt), 0 if score_shared_prefix else shared)  # the first scored sequence position
     runs = []
     offset = shared  # where the tail of this side starts in the packed row
     for column, (sequence, tail) in enumerate(zip(sides, tails)):
@@ -112,7 +117,10 @@ def first_scored_position(target_mask: torch.Tensor) -> int:
 
 
 def pack_pairs(
-    pairs: Sequence[dict[str, Any]], pad_token_id: int, skip_prompt_logits: bool = True
+    pairs: Sequence[dict[str, Any]],
+    pad_token_id: int,
+    skip_prompt_logits: bool = True,
+    score_shared_prefix: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Pack each pair into one right-padded row (drop-in for ``collate_pairs``).
 
@@ -120,14 +128,18 @@ def pack_pairs(
     and packed width ``W``: ``input_ids``, ``position_ids`` ``(B, W)``; ``attention_mask``
     ``(B, 1, W, W)`` boolean (see :func:`packed_attention_mask`); ``targets`` and
     ``target_mask`` ``(B, K, 2)`` for the last ``K`` positions: the token each position predicts
-    for the chosen (column 0) and rejected (column 1) sequence, and whether it counts.
+    for the chosen (column 0) and rejected (column 1) sequence, and whether it counts; and
+    ``scored_positions``, the positions with a counted target, as indices ``i * K + k`` of that
+    ``(B, K)`` grid (built here, on the host, so the forward needs no device sync to select them).
 
     With ``skip_prompt_logits``, ``K`` starts at :func:`first_scored_position`, so
     :func:`packed_completion_logps` asks the model for logits of those positions only: the LM head
     and log-softmax skip the prompt, which matters with large vocabularies. ``K`` is a shape, known
     on the host, so the forward needs no device sync to learn it. Otherwise ``K = W``.
+    Without ``score_shared_prefix`` the response tokens inside each pair's shared prefix count
+    for neither side (for DPO, whose margin they cancel out of).
     """
-    rows = [_pack_one(pair) for pair in pairs]
+    rows = [_pack_one(pair, score_shared_prefix) for pair in pairs]
     width = max(len(row["input_ids"]) for row in rows)
 
     def stacked(key: str, fill: int) -> torch.Tensor:
@@ -145,12 +157,14 @@ def pack_pairs(
     targets = _long_tensor(targets, (len(rows), width, 2))
     target_mask = _long_tensor(target_mask, (len(rows), width, 2))
     first = first_scored_position(target_mask) if skip_prompt_logits else 0
+    target_mask = target_mask[:, first:]
     return {
         "input_ids": stacked("input_ids", pad_token_id),
         "position_ids": stacked("position_ids", 0),
         "attention_mask": packed_attention_mask(segment_ids),
         "targets": targets[:, first:],
-        "target_mask": target_mask[:, first:],
+        "target_mask": target_mask,
+        "scored_positions": target_mask.any(dim=-1).flatten().nonzero().flatten(),
     }
 
 
@@ -186,13 +200,6 @@ def supports_packing(model: torch.nn.Module, max_length: int | None = None) -> b
     return window is None or (max_length is not None and max_length < window)
 
 
-def uses_fsdp(model: torch.nn.Module) -> bool:
-    """Whether FSDP manages the model or any part of it (accelerate's FSDP2 marks only the parts)."""
-    if is_fsdp_managed_module(model):
-        return True
-    return any(isinstance(module, FSDPModule) for module in model.modules())
-
-
 def _computes_in_float32(model: torch.nn.Module, device: torch.device) -> bool:
     """Float32 weights and no autocast; FSDP may cast float32 weights for the forward, so never there."""
     dtype = getattr(getattr(model, "module", model), "dtype", None)
@@ -225,25 +232,30 @@ def mask_for(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
 
 
 def packed_completion_logps(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs and response token counts from one forward over packed rows.
 
     Same contract as ``sapo.scoring.completion_logps``: ``(logps, lengths)`` of shape ``(2B,)``,
     rows ``[:B]`` chosen and ``[B:]`` rejected. Response tokens inside the shared prefix (such as
-    ``gold[:cut]``) count for both sides, as they do when the sides are scored separately.
-    Logits are computed only for the last ``K`` positions, those ``batch["targets"]`` covers.
+    ``gold[:cut]``) count for both sides, as they do when the sides are scored separately, unless
+    the batch was packed without them (``score_shared_prefix=False``). The LM head runs on
+    ``batch["scored_positions"]`` only, ``chunk_size`` positions at a time where the model allows
+    it (:func:`sapo.logprobs.position_logps`); each scored position gets one log-softmax for the
+    targets of both sides.
     """
-    keep = batch["targets"].shape[1]
-    trimmed = {"logits_to_keep": keep} if keep < batch["input_ids"].shape[1] else {}
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=mask_for(model, batch["attention_mask"]),
-        position_ids=batch["position_ids"],
-        use_cache=False,
-        **trimmed,
-    ).logits
-    per_token = selective_log_softmax(logits, batch["targets"]).float()  # (B, K, 2): one softmax, two gathers
-    mask = batch["target_mask"].float()
-    logps, lengths = (per_token * mask).sum(dim=1), mask.sum(dim=1)
+    targets, target_mask = batch["targets"], batch["target_mask"]
+    pairs, keep = targets.shape[:2]
+    positions = batch["scored_positions"]
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": mask_for(model, batch["attention_mask"]),
+        "position_ids": batch["position_ids"],
+    }
+    per_token = position_logps(model, inputs, targets, positions, chunk_size)  # (N, 2)
+    counted = target_mask.flatten(0, 1).index_select(0, positions).float()
+    # back onto the (B, K, 2) grid (each position once: deterministic, unlike a scattered sum)
+    grid = per_token.new_zeros(pairs * keep, 2).index_copy(0, positions, per_token * counted)
+    counts = counted.new_zeros(pairs * keep, 2).index_copy(0, positions, counted)
+    logps, lengths = grid.view(pairs, keep, 2).sum(dim=1), counts.view(pairs, keep, 2).sum(dim=1)
     return logps.T.reshape(-1), lengths.T.reshape(-1)

@@ -2,10 +2,13 @@
 
 A model id is loaded with ``AutoModelForCausalLM`` (and its tokenizer); a ``peft_config`` wraps
 the model in a fresh adapter; a model that already carries an adapter trains that adapter.
+:func:`check_master_precision` refuses weights that would be stepped in bfloat16 or float16.
 """
 
 from __future__ import annotations
 
+import torch
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl.trainer.utils import disable_dropout_in_model
 
@@ -36,6 +39,47 @@ def prepare_policy(model, args, processing_class=None, peft_config=None):
     if args.disable_dropout:
         disable_dropout_in_model(model)
     return model, processing_class
+
+
+def check_master_precision(model, args, state) -> None:
+    """Refuse to train ``model`` when its trainable weights are bfloat16 or float16 and nothing
+    keeps float32 master weights for the optimizer (``state``: accelerate's ``AcceleratorState``).
+
+    A bfloat16 weight of size 0.02 has a spacing of about 1.2e-4: a step of lr 5e-7 (the paper's
+    DPO rate) rounds away and the run trains for hours without moving (tests/test_precision.py
+    measures it). Masters exist under DeepSpeed (ZeRO-1/2/3 step float32 partitions; stage 0 with
+    bf16 or fp16 enabled keeps float32 copies) and under FSDP2 with mixed precision (accelerate
+    upcasts the trainable weights to float32 and computes on lower-precision copies). LoRA
+    adapters, float32 over a low-precision base, pass. This is an error rather than a warning
+    because the failure is silent and a warning is lost in a multi-GPU log; a deliberate choice
+    (an optimizer with Kahan summation or stochastic rounding, a learning rate large enough)
+    sets ``allow_low_precision_weights``.
+    """
+    low = [p for p in model.parameters() if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)]
+    if not low or args.allow_low_precision_weights:
+        return
+    deepspeed_plugin = getattr(state, "deepspeed_plugin", None)
+    if deepspeed_plugin is not None:
+        config = deepspeed_plugin.deepspeed_config
+
+        def enabled(name: str) -> bool:  # "auto" follows the TrainingArguments flag
+            value = (config.get(name) or {}).get("enabled", False)
+            return value is True or (value == "auto" and bool(getattr(args, name)))
+
+        if (config.get("zero_optimization") or {}).get("stage", 0) >= 1 or enabled("bf16") or enabled("fp16"):
+            return
+    fsdp_plugin = getattr(state, "fsdp_plugin", None)
+    already_sharded = any(isinstance(p, DTensor) for p in low)  # accelerate upcasts only what it shards
+    if fsdp_plugin is not None and state.mixed_precision != "no" and not already_sharded:
+        return
+    dtype = str(low[0].dtype).removeprefix("torch.")
+    raise ValueError(
+        f"{len(low)} trainable weight tensors are {dtype} and nothing keeps float32 master weights: "
+        f"optimizer steps of lr {args.learning_rate:g} would round away in {dtype}; load "
+        "the model in float32 (torch_dtype: float32) and keep bf16: true (compute stays bfloat16), or train "
+        "under DeepSpeed ZeRO (recipes/accelerate/zero3.yaml) or FSDP2 (recipes/accelerate/fsdp2.yaml), "
+        "which keep float32 masters; allow_low_precision_weights=True trains as it is"
+    )
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:

@@ -6,6 +6,11 @@ Two layouts of a batch of pairs give the same log-probs (:class:`PairScorer`):
   right-padded; only response tokens count (prompt and padding are masked);
 - packed (:mod:`sapo.packing`): one row per pair, the shared prefix once.
 
+Either way the LM head runs on the scored positions only, in chunks of ``chunk_size`` positions
+where the model allows it (:mod:`sapo.logprobs`), and for DPO (``score_shared_prefix=False``)
+not on the response tokens the two sides share at their start: their log-probs cancel in the
+DPO margin, so the sums leave them out on both sides.
+
 :func:`reference_logps` scores pairs under the DPO reference, reusing what it scored before.
 """
 
@@ -17,48 +22,69 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from trl.trainer.utils import pad, selective_log_softmax
+from trl.trainer.utils import pad
 
-from sapo.packing import pack_pairs, packed_completion_logps, supports_packing
+from sapo.logprobs import position_logps
+from sapo.packing import common_prefix_length, pack_pairs, packed_completion_logps, supports_packing
 
 if TYPE_CHECKING:
     from sapo.copies.contract import Reference
 
 
-def collate_pairs(pairs: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_pairs(
+    pairs: Sequence[dict[str, Any]], pad_token_id: int, score_shared_prefix: bool = True
+) -> dict[str, torch.Tensor]:
     """Stack pairs into ``input_ids``/``attention_mask``/``completion_mask`` of shape ``(2B, T)``.
 
     Each pair holds ``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` (lists of ints). Rows
-    ``[:B]`` are prompt + chosen, rows ``[B:]`` prompt + rejected.
+    ``[:B]`` are prompt + chosen, rows ``[B:]`` prompt + rejected. ``scored_positions`` lists the
+    positions whose prediction is scored, as indices ``row * T + t`` (position ``t`` predicts
+    token ``t + 1``): every response token but a sequence's first, and, without
+    ``score_shared_prefix``, only those past the tokens the pair's two sequences share at their start.
     """
-    sequences, completion_masks = [], []
+    shared = [
+        0
+        if score_shared_prefix
+        else len(pair["prompt_ids"]) + common_prefix_length(pair["chosen_ids"], pair["rejected_ids"])
+        for pair in pairs
+    ]
+    sequences, completion_masks, scored = [], [], []
     for side in ("chosen_ids", "rejected_ids"):
-        for pair in pairs:
+        for pair, skipped in zip(pairs, shared):
             prompt, response = pair["prompt_ids"], pair[side]
             sequences.append(torch.tensor(list(prompt) + list(response), dtype=torch.long))
             completion_masks.append(torch.tensor([0] * len(prompt) + [1] * len(response), dtype=torch.long))
+            scored.append(range(max(1, len(prompt), skipped), len(prompt) + len(response)))
+    width = max(len(sequence) for sequence in sequences)
+    positions = [row * width + token - 1 for row, tokens in enumerate(scored) for token in tokens]
     return {
         "input_ids": pad(sequences, padding_value=pad_token_id),
         "attention_mask": pad([torch.ones_like(s) for s in sequences], padding_value=0),
         "completion_mask": pad(completion_masks, padding_value=0),
+        "scored_positions": torch.tensor(positions, dtype=torch.long),
     }
 
 
 def completion_logps(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs and response token counts, one value per row.
+    """Summed response log-probs and scored token counts, one value per row of ``collate_pairs``.
 
-    Returns ``(logps, lengths)`` with ``logps[i] = Σ_t log p(x_t | x_<t)`` over row ``i``'s
-    response tokens.
+    Returns ``(logps, lengths)`` with ``logps[i] = Σ_t log p(x_t | x_<t)`` over row ``i``'s scored
+    tokens (``batch["scored_positions"]``). The LM head runs on those positions only,
+    ``chunk_size`` at a time where the model allows it (:func:`sapo.logprobs.position_logps`).
     """
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits[:, :-1]
-    targets = batch["input_ids"][:, 1:]
-    mask = batch["completion_mask"][:, 1:].float()
-    per_token = selective_log_softmax(logits, targets).float()
-    return (per_token * mask).sum(dim=1), mask.sum(dim=1)
+    input_ids, positions = batch["input_ids"], batch["scored_positions"]
+    rows, width = input_ids.shape
+    inputs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"]}
+    targets = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)[
+        ..., None
+    ]  # the last column predicts nothing
+    per_token = position_logps(model, inputs, targets, positions, chunk_size)[:, 0]
+    # back onto the (2B, T) grid (each position once: deterministic, unlike a scattered sum)
+    grid = per_token.new_zeros(rows * width).index_copy(0, positions, per_token)
+    counts = per_token.new_zeros(rows * width).index_fill(0, positions, 1.0)
+    return grid.view(rows, width).sum(dim=1), counts.view(rows, width).sum(dim=1)
 
 
 @dataclass(frozen=True)
@@ -72,10 +98,20 @@ class PairScorer:
 
 
 def pair_scorer(
-    layout: str, pad_token_id: int, models: Sequence[torch.nn.Module], max_length: int | None
+    layout: str,
+    pad_token_id: int,
+    models: Sequence[torch.nn.Module],
+    max_length: int | None,
+    chunk_size: int | None = None,
+    score_shared_prefix: bool = True,
 ) -> PairScorer:
     """The scorer for ``layout`` (``"packed"``, ``"padded"`` or ``"auto"``: packed where every one
-    of ``models`` takes the packed 4D mask exactly, see :func:`sapo.packing.supports_packing`)."""
+    of ``models`` takes the packed 4D mask exactly, see :func:`sapo.packing.supports_packing`).
+
+    ``chunk_size``: positions per chunk of the LM head (``None`` or 0: the model's own logits).
+    ``score_shared_prefix=False`` (DPO) leaves out the response tokens a pair's sides share at
+    their start, whose log-probs cancel in the DPO margin: the sums then run over the rest.
+    """
     packable = all(supports_packing(model, max_length) for model in models)
     if layout == "packed" and not packable:
         raise ValueError(
@@ -84,11 +120,14 @@ def pair_scorer(
         )
     if layout not in ("auto", "packed", "padded"):
         raise ValueError(f"pair_scoring={layout!r}: must be one of auto, packed, padded")
-    if layout == "padded" or not packable:
-        return PairScorer(
-            functools.partial(collate_pairs, pad_token_id=pad_token_id), completion_logps, False
-        )
-    return PairScorer(functools.partial(pack_pairs, pad_token_id=pad_token_id), packed_completion_logps, True)
+    packed = layout != "padded" and packable
+    collate = functools.partial(
+        pack_pairs if packed else collate_pairs,
+        pad_token_id=pad_token_id,
+        score_shared_prefix=score_shared_prefix,
+    )
+    score = functools.partial(packed_completion_logps if packed else completion_logps, chunk_size=chunk_size)
+    return PairScorer(collate, score, packed)
 
 
 def reference_logps(

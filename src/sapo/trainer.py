@@ -31,9 +31,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_callback import TrainerState
-from transformers.trainer_utils import TrainOutput, rotate_checkpoints
+from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging
 
 import sapo.checkpoints as checkpoints
@@ -42,9 +40,16 @@ from sapo.config import SAPOConfig
 from sapo.copies import build_ema_and_reference, check_supported, distribute_like_policy
 from sapo.copies.teardown import release_process_group
 from sapo.data import GOLD_IDS, PROMPT_IDS, collate_rows, prepare_dataset
+from sapo.evaluation.during_training import held_out_metrics, tokenized_rows, training_callbacks
 from sapo.generation import SegmentGenerator, self_augmented_pairs
 from sapo.objective import distinct_pairs, preference_objective
-from sapo.policy import eos_token_ids, is_peft_model, policy_adapter_name, prepare_policy
+from sapo.policy import (
+    check_master_precision,
+    eos_token_ids,
+    is_peft_model,
+    policy_adapter_name,
+    prepare_policy,
+)
 from sapo.scoring import pair_scorer, reference_logps
 from sapo.window import GenerationWindow
 
@@ -88,7 +93,7 @@ class SAPOTrainer(Trainer):
         processing_class: the tokenizer; loaded from `model` when it is an id.
         peft_config: a `peft` config; the policy is then wrapped with `get_peft_model`.
         ref_model: DPO only: the initial reference; a copy of the policy when `None`.
-        callbacks, optimizers: as for `transformers.Trainer`.
+        eval_dataset, callbacks, optimizers: as for `transformers.Trainer` (`evaluate()`: SAPO's margins).
 
     Public attributes: `buffer` (the replay buffer), `ema` and `reference` (see
     `sapo.copies.contract`), `segment_generator`, `scorer` (how pairs are scored, from
@@ -105,6 +110,7 @@ class SAPOTrainer(Trainer):
         ref_model: PreTrainedModel | None = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers=(None, None),
+        eval_dataset: Dataset | None = None,
     ):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
@@ -129,6 +135,7 @@ class SAPOTrainer(Trainer):
             args=args,
             data_collator=collate_rows,
             train_dataset=train_dataset,
+            eval_dataset=tokenized_rows(eval_dataset, processing_class, args),
             processing_class=processing_class,
             callbacks=callbacks,
             optimizers=optimizers,
@@ -138,6 +145,7 @@ class SAPOTrainer(Trainer):
 
         policy = self.accelerator.unwrap_model(self.model)
         check_supported(self.accelerator.state)
+        check_master_precision(policy, args, self.accelerator.state)  # float32 masters, or refuse
         rank = self.args.process_index
         self.eos_token_ids = eos_token_ids(policy, processing_class)
         self.segment_generator = SegmentGenerator(
@@ -163,12 +171,18 @@ class SAPOTrainer(Trainer):
             progress=checkpoints.Progress(ref_model_sync_steps=args.ref_model_sync_steps),
         )
         # chosen and rejected share prompt + gold[:cut]: by default both are scored in one packed
-        # row where the attention implementation takes a 4D mask, else as two padded rows
+        # row where the attention implementation takes a 4D mask, else as two padded rows; the LM
+        # head runs in chunks, and for DPO not on that shared part (it cancels in the margin)
         models = [m for m in (policy, ref_model) if m is not None]
-        self.scorer = pair_scorer(args.pair_scoring, processing_class.pad_token_id, models, args.max_length)
+        self.scorer = pair_scorer(
+            args.pair_scoring, processing_class.pad_token_id, models, args.max_length,
+            chunk_size=args.logprob_chunk_size, score_shared_prefix=args.loss_type != "dpo",
+        )  # fmt: skip
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self.add_callback(_DistributeCopies(self))
         self.add_callback(_AfterOptimizerStep(self))
+        for callback in training_callbacks(args, processing_class, lambda: self.buffer.items(), super().log):
+            self.add_callback(callback)  # pairs.jsonl, lm-eval tasks (sapo.evaluation)
         if self.args.world_size > 1:
             # gloo may abort at interpreter exit while its group is alive; end it first (sapo.copies.teardown)
             atexit.register(release_process_group, self)
@@ -219,7 +233,10 @@ class SAPOTrainer(Trainer):
             )  # fmt: skip
         self._metrics["sapo/generation_seconds"].append(time.perf_counter() - started)
         self._metrics["sapo/segment_tokens"].append(float(generated))
-        for pair in pairs:
+        tied = [pair["rejected_ids"] == pair["chosen_ids"] for pair in pairs]
+        self._metrics["sapo/tied_fraction"].append(sum(tied) / max(1, len(pairs)))
+        skip = self.args.skip_tied_pairs and (len(self.buffer) or not all(tied))  # never leave it empty
+        for pair in (pair for pair, is_tie in zip(pairs, tied) if not (skip and is_tie)):
             self.buffer.add({**pair, "step": step})
 
     # -- 3. sample -------------------------------------------------------------------------------
@@ -297,17 +314,28 @@ class SAPOTrainer(Trainer):
             self._metrics.clear()
         super().log(logs, start_time)
 
+    # -- evaluation (sapo.evaluation.during_training) --------------------------------------------
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """Log and return the policy's held-out margin, win rate and gold log-prob (not Trainer's loop)."""
+        rows = self.eval_dataset if eval_dataset is None else eval_dataset
+        settings = (self.processing_class, self.args, self.accelerator, metric_key_prefix)
+        metrics = held_out_metrics(self.model, rows, *settings)
+        super().log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
     # -- checkpoints (SAPO's part: sapo.checkpoints) ---------------------------------------------
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """Train, or resume exactly from a complete checkpoint (a path, or ``True``/``"last"``)."""
-        path = checkpoints.resolve(self.args.output_dir, resume_from_checkpoint)
+        """Train, or resume exactly from a checkpoint that verifies (a path, or ``True``/``"last"``)."""
+        path = checkpoints.resolve_on_main(self.args.output_dir, resume_from_checkpoint, self.accelerator)
         if path is not None:
             checkpoints.check_same_run(
                 path, checkpoints.read_json(os.path.join(path, checkpoints.RUN_FILE)), self._run_identity()
             )
             self.sapo_state.load(path, self.args.process_index)
-            reached = TrainerState.load_from_json(os.path.join(path, TRAINER_STATE_NAME))
+            reached = checkpoints.trainer_state(path)
             if 0 < self.args.max_steps <= reached.global_step:
                 # Trainer would run one more step past max_steps; a finished run only reloads
                 logger.warning("%s already reached max_steps=%d; nothing to train", path, self.args.max_steps)
@@ -360,10 +388,8 @@ class SAPOTrainer(Trainer):
                 self._staging_dir = None
             self.sapo_state.save(staged, self.args.process_index, is_main, self.state.global_step)
             self.accelerator.wait_for_everyone()
-            if is_main:  # written last: a folder without it is not a complete checkpoint
-                checkpoints.write_json(os.path.join(staged, checkpoints.RUN_FILE), self._run_identity())
+            if is_main:  # written last, with every file's checksum: a folder without it is not complete
+                checkpoints.seal(staged, self._run_identity())
         if is_main:
-            rotate_checkpoints(
-                run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=False
-            )
+            checkpoints.rotate(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()

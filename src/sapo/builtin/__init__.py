@@ -13,7 +13,12 @@ from sapo.builtin.tiny import TINY_MODEL_SIZES
 
 BUILTIN = "builtin:"
 # checkpoints shipped as package data, each in the folder of its name under sapo/builtin/assets
-BUILTIN_CHECKPOINTS = ("tiny-multiplication-sft", "tiny-long-multiplication-sft")
+BUILTIN_CHECKPOINTS = (
+    "tiny-multiplication-sft",
+    "tiny-long-multiplication-sft",
+    "tiny-worked-multiplication-sft",
+    "tiny-sorting-sft",
+)
 BUILTIN_MODELS = (*TINY_MODEL_SIZES, *BUILTIN_CHECKPOINTS)
 
 

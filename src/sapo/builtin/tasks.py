@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from datasets import Dataset
 
 SPLITS = ("train", "preference", "validation", "test")
-# every built-in prompt and answer fits these token budgets (one token per character)
+# token budgets of the short-answer tasks (one token per character); long-answer tasks set their own
 MAX_LENGTH, MAX_PROMPT_LENGTH = 32, 24
 DRAW_ORDER = ("test", "validation", "train", "preference")
 
@@ -44,6 +44,9 @@ class Task:
         draw: returns one ``(prompt, answer)`` from a ``random.Random``.
         sizes: number of distinct problems per split.
         seed: seed of the generator the splits are drawn from.
+        max_length: tokens of prompt plus answer that every problem fits (chat template and EOS
+            included; one token per character).
+        max_prompt_length: tokens of every templated prompt.
     """
 
     name: str
@@ -51,6 +54,8 @@ class Task:
     draw: Callable[[random.Random], tuple[str, str]]
     sizes: dict[str, int]
     seed: int
+    max_length: int = MAX_LENGTH
+    max_prompt_length: int = MAX_PROMPT_LENGTH
 
 
 def _addition(rng: random.Random) -> tuple[str, str]:
@@ -67,6 +72,24 @@ def _long_multiplication(rng: random.Random) -> tuple[str, str]:
     a, b = rng.randint(100, 999), rng.randint(10, 99)
     return f"{a}*{b}=", str(a * b)
 
+
+def _worked_multiplication(rng: random.Random) -> tuple[str, str]:
+    """``347*86=`` -> ``347*6=2082;347*80=27760;2082+27760=29842``: one partial product per digit
+    of the multiplier, then their sum. A 4-16-token stretch is one step of the work."""
+    a, b = rng.randint(100, 999), rng.randint(10, 99)
+    places = [int(digit) * 10**power for power, digit in enumerate(reversed(str(b)))]
+    partials = [a * place for place in places]
+    steps = [f"{a}*{place}={partial}" for place, partial in zip(places, partials)]
+    return f"{a}*{b}=", ";".join([*steps, f"{'+'.join(map(str, partials))}={a * b}"])
+
+
+def _sorting(rng: random.Random) -> tuple[str, str]:
+    """``sort:52,07,...=`` -> the 11 two-digit numbers in ascending order, duplicates kept."""
+    numbers = [f"{rng.randint(0, 99):02d}" for _ in range(11)]
+    return f"sort:{','.join(numbers)}=", ",".join(sorted(numbers))
+
+
+LONG_SIZES = {"train": 20_000, "preference": 10_000, "validation": 500, "test": 1_000}
 
 TASKS = {
     task.name: task
@@ -92,6 +115,24 @@ TASKS = {
             draw=_long_multiplication,
             sizes={"train": 20_000, "preference": 5_000, "validation": 500, "test": 1_000},
             seed=3,
+        ),
+        Task(
+            name="worked-multiplication",
+            description="three-digit by two-digit multiplication, partial products written out",
+            draw=_worked_multiplication,
+            sizes=LONG_SIZES,  # of 81,000 distinct problems
+            seed=4,
+            max_length=56,
+            max_prompt_length=16,
+        ),
+        Task(
+            name="sorting",
+            description="eleven two-digit numbers sorted in ascending order",
+            draw=_sorting,
+            sizes=LONG_SIZES,  # of 10**22 distinct lists
+            seed=5,
+            max_length=80,
+            max_prompt_length=48,
         ),
     )
 }
@@ -139,15 +180,72 @@ def task_dataset(name: str, split: str) -> Dataset:
     )
 
 
-def task_accuracy(model, tokenizer, name: str, split: str, count: int | None = None) -> float:
-    """Greedy exact match of ``model`` on the first ``count`` rows of one split (all by default)."""
+def task_rows(
+    tokenizer, name: str, split: str, count: int | None = None
+) -> list[tuple[list[int], list[int]]]:
+    """``(prompt_ids, gold_ids)`` of the first ``count`` rows of one split (all by default), within
+    the task's token budgets."""
     from sapo.data import GOLD_IDS, PROMPT_IDS, prepare_dataset
-    from sapo.evaluation import greedy_accuracy
-    from sapo.policy import eos_token_ids
 
+    task = get_task(name)
     rows = task_dataset(name, split)
     if count is not None:
         rows = rows.select(range(min(count, len(rows))))
-    rows = prepare_dataset(rows, tokenizer, MAX_LENGTH, MAX_PROMPT_LENGTH)
-    pairs = list(zip(rows[PROMPT_IDS], rows[GOLD_IDS]))
-    return greedy_accuracy(model, pairs, tokenizer.pad_token_id, eos_token_ids(model, tokenizer))
+    rows = prepare_dataset(rows, tokenizer, task.max_length, task.max_prompt_length)
+    return list(zip(rows[PROMPT_IDS], rows[GOLD_IDS]))
+
+
+def task_accuracy(model, tokenizer, name: str, split: str, count: int | None = None) -> float:
+    """Greedy exact match of ``model`` on the first ``count`` rows of one split (all by default)."""
+    from sapo.evaluation import greedy_accuracy
+    from sapo.policy import eos_token_ids
+
+    rows = task_rows(tokenizer, name, split, count)
+    return greedy_accuracy(model, rows, tokenizer.pad_token_id, eos_token_ids(model, tokenizer))
+
+
+def edit_distance(first: Sequence[int], second: Sequence[int]) -> int:
+    """Levenshtein distance: insertions, deletions and substitutions of single tokens."""
+    previous = list(range(len(second) + 1))
+    for row, token in enumerate(first, start=1):
+        current = [row]
+        for column, other in enumerate(second, start=1):
+            current.append(
+                min(previous[column] + 1, current[-1] + 1, previous[column - 1] + (token != other))
+            )
+        previous = current
+    return previous[-1]
+
+
+def task_scores(
+    model, tokenizer, name: str, split: str, count: int | None = None, batch_size: int = 256
+) -> dict[str, float]:
+    """Greedy answers of ``model`` on the first ``count`` rows of one split, scored two ways.
+
+    ``exact_match``: the fraction of answers equal to the gold answer (EOS included).
+    ``edit_distance``: the mean token edit distance to the gold answer over the gold's length
+    (0 is right; one wrong digit of a 60-token answer is 1/60), a per-token score that credits an
+    answer for its right steps. Answers may run up to the task's ``max_length``.
+    """
+    from sapo.generation import SegmentGenerator
+    from sapo.policy import eos_token_ids
+
+    task = get_task(name)
+    rows = task_rows(tokenizer, name, split, count)
+    greedy = SegmentGenerator(
+        tokenizer.pad_token_id, eos_token_ids(model, tokenizer), temperature=1.0, top_p=1.0, top_k=1
+    )
+    was_training = model.training
+    model.eval()
+    exact, distance = 0, 0.0
+    try:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            limits = [task.max_length - len(prompt) for prompt, _ in chunk]
+            answers = greedy.generate(model, [prompt for prompt, _ in chunk], limits)
+            for answer, (_, gold) in zip(answers, chunk):
+                exact += answer == list(gold)
+                distance += edit_distance(answer, gold) / len(gold)
+    finally:
+        model.train(was_training)
+    return {"exact_match": exact / len(rows), "edit_distance": distance / len(rows)}

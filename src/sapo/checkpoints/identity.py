@@ -9,6 +9,8 @@ from typing import Any
 import pyarrow.compute
 import torch
 
+from sapo.checkpoints.files import CheckpointError
+
 IDENTITY_FIELDS = (
     "loss_type",
     "world_size",
@@ -50,10 +52,11 @@ def run_identity(args, dataset, model: torch.nn.Module) -> dict[str, Any]:
 
 
 def check_same_run(directory: str | Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the first setting in which a checkpoint's run differs from this one."""
+    """Raise :class:`CheckpointError` naming the first setting in which a checkpoint's run differs
+    from this one."""
     for key, value in current.items():
         if saved.get(key) != value:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {directory} belongs to a different run: {key} is {saved.get(key)!r} there "
                 f"and {value!r} here; resuming it would not continue that run"
             )

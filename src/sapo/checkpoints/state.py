@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
 
 from sapo.buffer import ReplayBuffer
 from sapo.checkpoints.files import (
@@ -26,8 +28,11 @@ from sapo.checkpoints.files import (
     load_rank_state,
     load_weights,
     publish,
+    rank_files,
+    reading,
     save_rank_state,
     save_weights,
+    writing,
 )
 from sapo.copies.contract import EMA, Reference
 from sapo.window import GenerationWindow
@@ -82,13 +87,14 @@ class SAPOState:
     def load(self, directory: str | Path, rank: int) -> None:
         """Restore what :meth:`save` wrote, in place."""
         tensors, metadata = load_rank_state(directory, rank)
-        self.buffer.load_state_dict(buffer_from_tensors(tensors, metadata["buffer"]))
-        self.cut_generator.set_state(tensors["cut_generator_state"])
-        self.sampling_generator.set_state(tensors["sampling_generator_state"])
-        self.ema.num_updates = metadata["ema_updates"]
-        self.progress.ref_model_sync_steps = metadata["ref_model_sync_steps"]
-        self.progress.reference_version = metadata["reference_version"]
-        self.window.restore(metadata["steps_generated_ahead"])
+        with reading(rank_files(directory, rank)[1]):  # a key missing from either file
+            self.buffer.load_state_dict(buffer_from_tensors(tensors, metadata["buffer"]))
+            self.cut_generator.set_state(tensors["cut_generator_state"])
+            self.sampling_generator.set_state(tensors["sampling_generator_state"])
+            self.ema.num_updates = metadata["ema_updates"]
+            self.progress.ref_model_sync_steps = metadata["ref_model_sync_steps"]
+            self.progress.reference_version = metadata["reference_version"]
+            self.window.restore(metadata["steps_generated_ahead"])
         load_weights(self.ema, os.path.join(directory, EMA_FILE))
         if self.reference is not None:
             load_weights(self.reference, os.path.join(directory, REFERENCE_FILE))
@@ -102,19 +108,32 @@ def staged_checkpoint(
 
     A process killed at any moment leaves either the complete new checkpoint or none, and the
     previous ones untouched. A staged folder left by a run killed while saving is removed first.
-    Nothing is published if the block raises.
+    If the block raises (a full disk, a second Ctrl-C), nothing is published and the staged
+    folder is removed; a failure that comes from the disk is raised as one ``OSError`` saying so.
     """
     staged = os.path.join(run_dir, STAGING, name)
     if is_main_process and os.path.exists(staged):
         shutil.rmtree(staged)
     wait_for_everyone()
-    yield staged
+    try:
+        with writing(name, run_dir):
+            yield staged
+            wait_for_everyone()
+            if is_main_process:
+                publish(staged, os.path.join(run_dir, name))
+    finally:
+        if is_main_process:
+            shutil.rmtree(staged, ignore_errors=True)  # gone already once published
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(staged))
     wait_for_everyone()
-    if is_main_process:
-        publish(staged, os.path.join(run_dir, name))
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.dirname(staged))
-    wait_for_everyone()
+
+
+def trainer_state(directory: str | Path) -> TrainerState:
+    """Trainer's state saved in checkpoint ``directory``; a damaged file is a ``CheckpointError``."""
+    path = os.path.join(directory, TRAINER_STATE_NAME)
+    with reading(path):
+        return TrainerState.load_from_json(path)
 
 
 def weights_finite(model: torch.nn.Module, accelerator) -> bool:

@@ -4,12 +4,22 @@
     sapo sft   --config recipes/llama-3-8b/sft.yaml [--field value ...]
     sapo spin  --model_name_or_path MODEL --dataset_name DATA [--field value ...]
     sapo eval  --model_name_or_path MODEL --dataset_name DATA [--field value ...]
+    sapo eval  --model_name_or_path MODEL --suite lm-eval --tasks T1,T2 [--include_path DIR] [...]
+    sapo generate --suite alpaca-eval|mt-bench --model_name_or_path MODEL --prompts FILE --output FILE
     sapo demo  [--output_dir sapo-demo] [--overwrite]
 
 Each command runs in two phases. ``prepare`` checks all of the input (arguments, model, data,
 tokenization) and writes nothing; its output is held back until it succeeds. Then the returned
 ``run`` does the work. Bad input ends the command in ``prepare`` with exit status 2 and a single
 line ``error: ...`` on stderr; ``--debug`` shows the traceback and the held-back output instead.
+
+While ``run`` works, what comes from the input or the disk ends the command the same way, after
+the output it has printed: a checkpoint that is damaged, incomplete or another run's
+(:class:`sapo.checkpoints.CheckpointError`), a non-finite loss (``FloatingPointError``, naming
+the step and what to try) and the disk (``OSError``: full, over quota, read-only). Anything else
+is a fault of the program and keeps its traceback. ``run`` returns the exit status: 0, or for a
+training run stopped by SIGTERM or SIGINT after writing a checkpoint, 143 or 130
+(:mod:`sapo.checkpoints.preemption`).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 
+from sapo.checkpoints import CheckpointError
 from sapo.cli.arguments import closest
 from sapo.cli.commands import COMMANDS
 
@@ -32,8 +43,11 @@ commands:
   train   SAPO training (SAPO-DPO or SAPO-ORPO) on SFT data
   sft     supervised fine-tuning, e.g. the warm start for SAPO-DPO
   spin    the SPIN baseline: each iteration trains on gold vs the model's own full answers
-  eval    gold log-prob, gold-vs-own-segment margin, win rate (and exact match on built-in tasks)
+  eval    gold log-prob, gold-vs-own-segment margin, win rate (and exact match on built-in tasks);
+          --suite lm-eval: lm-evaluation-harness tasks (IFEval, the Open LLM Leaderboard, local YAML)
+  generate  the model's answers for the AlpacaEval or MT-Bench judges (--suite alpaca-eval|mt-bench)
   demo    offline demo on a built-in task: SFT vs SAPO-DPO vs SAPO-ORPO, in minutes on a CPU
+  plan    memory per device of a recipe's run (weights, EMA, reference, activations...) and whether it fits
 
 `sapo <command> --help` lists a command's fields. Built-in names work offline:
 models builtin:tiny, builtin:small, builtin:tiny-multiplication-sft,
@@ -79,12 +93,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             sys.stderr.write(held_back.getvalue())
             raise
-        message = " ".join(str(error).split()) if not isinstance(error, KeyError) else f"missing key {error}"
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        return _error(error)
     sys.stderr.write(held_back.getvalue())
-    run()
-    return 0
+    try:
+        return run() or 0
+    except (CheckpointError, FloatingPointError, OSError) as error:  # from the input or the disk
+        if debug:
+            raise
+        return _error(error)
+
+
+def _error(error: Exception) -> int:
+    """Print ``error`` as the one line ``error: ...`` on stderr; the exit status of bad input."""
+    message = " ".join(str(error).split()) if not isinstance(error, KeyError) else f"missing key {error}"
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 @contextlib.contextmanager

@@ -25,6 +25,8 @@ from typing import Any, Literal
 import yaml
 from trl import TrlParser
 
+from sapo.config import derived_prompt_limit
+
 
 @dataclass
 class ModelArguments:
@@ -247,8 +249,10 @@ class EvalArguments:
             Tokens of each gold answer the model rewrites to make its own rejected answer.
         max_length (`int`, *optional*, defaults to `2048`):
             Most tokens of prompt plus answer; longer gold answers are cut.
-        max_prompt_length (`int`, *optional*, defaults to `1792`):
-            Rows with longer prompts are skipped, with a warning that counts them.
+        max_prompt_length (`int`, *optional*):
+            Rows with longer prompts are skipped, with a warning that counts them. Unset, it follows
+            `max_length` as in training: `max_length - min(segment_length, max_length // 2)`
+            (1792 for 2048 and 256).
         batch_size (`int`, *optional*, defaults to `32`):
             Rows per generation and scoring batch.
         seed (`int`, *optional*, defaults to `0`):
@@ -267,7 +271,8 @@ class EvalArguments:
     )
     max_length: int | None = field(default=2048, metadata={"help": "Most tokens of prompt plus answer."})
     max_prompt_length: int | None = field(
-        default=1792, metadata={"help": "Rows with longer prompts are skipped."}
+        default=None,
+        metadata={"help": "Rows with longer prompts are skipped; unset: follows max_length."},
     )
     batch_size: int = field(default=32, metadata={"help": "Rows per generation and scoring batch."})
     seed: int = field(default=0, metadata={"help": "Seed of the cut points and of sampling."})
@@ -280,6 +285,8 @@ class EvalArguments:
     )
 
     def __post_init__(self):
+        if self.max_prompt_length is None:
+            self.max_prompt_length = derived_prompt_limit(self.max_length, self.segment_length)
         for name in ("segment_length", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be positive")

@@ -5,38 +5,49 @@ and one entry in :data:`COMMANDS`."""
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
-from sapo.cli.arguments import ArgumentParser, DataArguments, EvalArguments, ModelArguments
+from sapo.cli.arguments import ArgumentParser, DataArguments, ModelArguments
+from sapo.cli.evaluate import EvalDataArguments, load_eval_rows, prepare_eval
+from sapo.cli.generate import prepare_generate
+from sapo.cli.plan import PlanningArguments, prepare_plan
 from sapo.config import check_training_arguments
 
 
-def prepare_train(argv: Sequence[str]) -> Callable[[], None]:
+def prepare_train(argv: Sequence[str]) -> Callable[[], int]:
     from sapo.checkpoints import resolve as resolve_checkpoint
     from sapo.cli.loading import load_model, load_rows, load_tokenizer, lora_config
-    from sapo.config import SAPOConfig
     from sapo.data import prepare_dataset
     from sapo.trainer import SAPOTrainer
 
-    config, model_args, data_args = ArgumentParser(
-        (SAPOConfig, ModelArguments, DataArguments), "sapo train"
-    ).parse(argv)
+    parser = ArgumentParser(train_arguments(), "sapo train")
+    config, model_args, data_args, eval_data_args, _ = parser.parse(argv)  # _: PlanningArguments
     check_training_arguments(config)
-    resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)  # a folder, or "last"
+    # a quick check here (file sizes): the trainer's main process reads and verifies every file
+    resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, config.world_size, checksums=False)
     tokenizer = load_tokenizer(model_args)
     rows = load_rows(data_args)
     with _naming(data_args.dataset_name):
         rows = prepare_dataset(
             rows, tokenizer, config.max_length, config.max_prompt_length, config.dataset_num_proc
         )
+    eval_rows = load_eval_rows(eval_data_args, data_args, tokenizer, config)
     model = load_model(model_args, tokenizer, seed=config.seed)
-    return _training_job(SAPOTrainer, model, config, rows, tokenizer, lora_config(model_args))
+    return _training_job(SAPOTrainer, model, config, rows, tokenizer, lora_config(model_args), eval_rows)
 
 
-def prepare_sft(argv: Sequence[str]) -> Callable[[], None]:
+def train_arguments() -> tuple[type, ...]:
+    """The dataclasses a `sapo train` recipe fills; `sapo plan` reads recipes with them too
+    (:class:`PlanningArguments`, the hardware the recipe targets, is read by `sapo plan` only)."""
+    from sapo.config import SAPOConfig
+
+    return SAPOConfig, ModelArguments, DataArguments, EvalDataArguments, PlanningArguments
+
+
+def prepare_sft(argv: Sequence[str]) -> Callable[[], int]:
     from transformers.utils import is_torch_bf16_gpu_available
     from trl import SFTConfig, SFTTrainer
 
@@ -77,76 +88,21 @@ def prepare_spin(argv: Sequence[str]) -> Callable[[], None]:
     return run
 
 
-def prepare_eval(argv: Sequence[str]) -> Callable[[], None]:
-    import torch
-
-    from sapo.builtin import builtin_name
-    from sapo.cli.loading import load_model, load_rows, load_tokenizer
-    from sapo.cli.report import results_table
-    from sapo.data import GOLD_IDS, PROMPT_IDS, prepare_dataset
-    from sapo.evaluation import evaluate
-    from sapo.policy import eos_token_ids
-
-    parser = ArgumentParser((EvalArguments, ModelArguments, DataArguments), "sapo eval", dataset_split="test")
-    eval_args, model_args, data_args = parser.parse(argv)
-    output = Path(eval_args.output_file)
-    if not output.parent.is_dir():
-        raise ValueError(f"output_file: no such folder: {output.parent}")
-    tokenizer = load_tokenizer(model_args)
-    rows = load_rows(data_args)
-    if eval_args.max_rows is not None:
-        rows = rows.select(range(min(eval_args.max_rows, len(rows))))
-    with _naming(data_args.dataset_name):
-        rows = prepare_dataset(rows, tokenizer, eval_args.max_length, eval_args.max_prompt_length)
-    model = load_model(model_args, tokenizer, seed=eval_args.seed)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    pairs = list(zip(rows[PROMPT_IDS], rows[GOLD_IDS]))
-    with_accuracy = builtin_name(data_args.dataset_name) is not None
-
-    def run() -> None:
-        results = evaluate(
-            model,
-            pairs,
-            tokenizer.pad_token_id,
-            eos_token_ids(model, tokenizer),
-            eval_args.segment_length,
-            with_accuracy=with_accuracy,
-            seed=eval_args.seed,
-            batch_size=eval_args.batch_size,
-            progress=True,
-            temperature=eval_args.temperature,
-            top_p=eval_args.top_p,
-            top_k=eval_args.top_k,
-        )
-        metrics = ["gold_logp", "margin", "win_rate"] + (["accuracy"] if with_accuracy else [])
-        print(results_table({model_args.model_name_or_path: results}, metrics, "model"))
-        record = {
-            "model": model_args.model_name_or_path,
-            "dataset": data_args.dataset_name,
-            "split": data_args.dataset_split,
-            "rows": len(pairs),
-            "segment_length": eval_args.segment_length,
-            "seed": eval_args.seed,
-            **results,
-        }
-        output.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {output}")
-
-    return run
-
-
 def prepare_demo(argv: Sequence[str]) -> Callable[[], None]:
     from sapo.cli.demo import prepare_demo as prepare
 
     return prepare(argv)
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], Callable[[], None]]] = {
+# each returns the work: a callable whose result (None: 0) is the exit status
+COMMANDS: dict[str, Callable[[Sequence[str]], Callable[[], int | None]]] = {
     "train": prepare_train,
     "sft": prepare_sft,
     "spin": prepare_spin,
     "eval": prepare_eval,
+    "generate": prepare_generate,
     "demo": prepare_demo,
+    "plan": functools.partial(prepare_plan, recipe_arguments=train_arguments),
 }
 
 
@@ -159,17 +115,32 @@ def _naming(dataset_name: str) -> Iterator[None]:
         raise ValueError(f"dataset_name: {dataset_name}: {error}") from error
 
 
-def _training_job(trainer_class, model, config, rows, tokenizer, peft_config) -> Callable[[], None]:
-    """Build the trainer now (so its errors count as bad input), train and save when run."""
+def _training_job(
+    trainer_class, model, config, rows, tokenizer, peft_config, eval_rows=None
+) -> Callable[[], int]:
+    """Build the trainer now (so its errors count as bad input), train and save when run.
+
+    SIGTERM or SIGINT during training writes a checkpoint after the current step and ends the run
+    with 143 or 130 instead of saving the model (:mod:`sapo.checkpoints.preemption`)."""
+    from sapo.checkpoints import stop_on_signals, writing
+
     with _removing_new_folder(config.output_dir):
         trainer = trainer_class(
-            model=model, args=config, train_dataset=rows, processing_class=tokenizer, peft_config=peft_config
-        )
+            model=model, args=config, train_dataset=rows, eval_dataset=eval_rows,
+            processing_class=tokenizer, peft_config=peft_config,
+        )  # fmt: skip
 
-    def run() -> None:
-        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-        trainer.save_model(config.output_dir)
+    def run() -> int:
+        with stop_on_signals(trainer) as stop:
+            trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+            if stop.stopped_at is None:
+                with writing("the model", config.output_dir):
+                    trainer.save_model(config.output_dir)
+        if stop.stopped_at is not None:
+            print(stop.describe(config.output_dir), file=sys.stderr)
+            return stop.exit_code
         print(f"saved the model to {config.output_dir}")
+        return 0
 
     return run
 
