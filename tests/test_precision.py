@@ -133,7 +133,7 @@ def accelerate_state(deepspeed=None, fsdp=False, mixed_precision="bf16"):
 )
 def test_master_weights_that_deepspeed_and_fsdp2_keep_pass_the_guard(tmp_path, tokenizer, state, allowed):
     model = tiny_llama(tokenizer, seed=0).to(torch.bfloat16)
-    args = SimpleNamespace(allow_low_precision_weights=False, bf16=True, fp16=False, learning_rate=5e-7)
+    args = SimpleNamespace(allow_low_precision_weights=False, bf16=True, fp16=False)
     if allowed:
         check_master_precision(model, args, state)
     else:

@@ -74,11 +74,11 @@ def check_master_precision(model, args, state) -> None:
         return
     dtype = str(low[0].dtype).removeprefix("torch.")
     raise ValueError(
-        f"{len(low)} trainable weight tensors are {dtype} and nothing keeps float32 master weights: "
-        f"optimizer steps of lr {args.learning_rate:g} would round away in {dtype}; load "
-        "the model in float32 (torch_dtype: float32) and keep bf16: true (compute stays bfloat16), or train "
-        "under DeepSpeed ZeRO (recipes/accelerate/zero3.yaml) or FSDP2 (recipes/accelerate/fsdp2.yaml), "
-        "which keep float32 masters; allow_low_precision_weights=True trains as it is"
+        f"{len(low)} trainable weight tensors are {dtype} and nothing keeps float32 master weights: a step "
+        f"smaller than half a weight's {dtype} spacing (0.2-0.4% of it) rounds away, as steps of lr 5e-7 do; "
+        "load the model in float32 (torch_dtype: float32) and keep bf16: true (compute stays bfloat16), or "
+        "train under DeepSpeed ZeRO (recipes/accelerate/zero3.yaml) or FSDP2 (recipes/accelerate/fsdp2.yaml),"
+        " which keep float32 masters; allow_low_precision_weights=True trains as it is"
     )
 
 

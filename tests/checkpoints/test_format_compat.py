@@ -2,7 +2,10 @@
 
 ``fixtures/sapo-0.1-checkpoint-2`` is step 2 of a 4-step SAPO-DPO run written by the code of the
 flat ``src/sapo`` layout (a 5k-parameter Llama, so the folder stays small). Resuming it with
-today's code must end on the same weights as a 4-step run that was never stopped.
+today's code must end on the weights of a 4-step run that was never stopped. Not to the bit: the
+LM head now runs in chunks and skips the prefix both DPO sides share, which changes the order of
+float sums (2e-8 on these weights after 4 steps); a checkpoint written by today's code resumes
+bit-identically (``test_checkpoints.py``).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def trainer_for(output_dir: Path) -> SAPOTrainer:
     )
 
 
-def test_a_checkpoint_of_the_flat_layout_resumes_bit_identically(tmp_path):
+def test_a_checkpoint_of_the_flat_layout_resumes(tmp_path):
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(FIXTURE, resumed_dir / "checkpoint-2")
     resumed = trainer_for(resumed_dir)
@@ -51,5 +54,5 @@ def test_a_checkpoint_of_the_flat_layout_resumes_bit_identically(tmp_path):
     uninterrupted = trainer_for(tmp_path / "uninterrupted")
     uninterrupted.train()
     for (name, a), b in zip(resumed.model.named_parameters(), uninterrupted.model.parameters()):
-        assert torch.equal(a, b), name
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
     assert resumed.ema.num_updates == uninterrupted.ema.num_updates == 4

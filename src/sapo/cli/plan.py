@@ -102,8 +102,7 @@ def prepare_plan(argv: Sequence[str], recipe_arguments: Callable[[], tuple[type,
     config, model_args, hardware = parsed[SAPOConfig], parsed[ModelArguments], parsed[PlanningArguments]
     recipe = argv[list(argv).index("--config") + 1] if "--config" in argv else None
     name = _found(hardware.model_config or model_args.model_name_or_path, recipe)
-    model = load_model_config(name)
-    shape = model_shape(model, name, model_args.attn_implementation, config.max_length)
+    shape = model_shape(load_model_config(name), name, model_args.attn_implementation, config.max_length)
     targets = model_args.lora_target_modules
     targets = "all-linear" if targets == ["all-linear"] else (tuple(targets) if targets else None)
     common = dict(
@@ -155,15 +154,16 @@ def plan_record(shape, setup, plan, hardware, others, recipe) -> dict:
 def plan_table(shape, setup, plan, hardware, others, devices, recipe) -> str:
     """The per-device table ``sapo plan`` prints."""
     from sapo.planning import GIB
-    from sapo.planning.memory import FITS_UNDER, PART_PHASES
+    from sapo.planning.memory import FITS_UNDER, OPTIMIZERS, PART_PHASES
 
     what = f"LoRA r={setup.lora_rank}" if setup.lora_rank else "full fine-tuning"
     where = {"single": "one device", "ddp": "DDP", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3",
              "fsdp2": "FSDP2"}[setup.distributed]  # fmt: skip
     width = setup.sequence_tokens + setup.answer_tokens if setup.packed else setup.sequence_tokens
     lines = [
-        f"{recipe or 'sapo plan'}: {shape.name} ({shape.architecture}, {shape.parameters / 1e9:.2f}B parameters), {what}, "
-        f"{setup.loss_type}, {where} on {setup.num_devices} x {hardware.gpu_memory_gb:g} GB",
+        f"{recipe or 'sapo plan'}: {shape.name} ({shape.architecture}, {shape.parameters / 1e9:.2f}B "
+        f"parameters), {what}, {setup.loss_type}, {where} on {setup.num_devices} x "
+        f"{hardware.gpu_memory_gb:g} GB",
         f"batch: {setup.pairs_per_step} pairs {'packed' if setup.packed else 'padded'} {width} tokens wide "
         f"({setup.answer_tokens} of {setup.sequence_tokens} tokens answer); {setup.rows_per_generation} rows "
         f"per generation call; {GB_NOTE}",
@@ -187,6 +187,8 @@ def plan_table(shape, setup, plan, hardware, others, devices, recipe) -> str:
         f"activations: {with_gc:.2f} GB with gradient checkpointing, {without_gc:.2f} GB without "
         f"({checkpointing} in this run)"
     )
+    if setup.optimizer not in OPTIMIZERS:
+        lines.append(f"optim {setup.optimizer!r} is planned as AdamW: two states per trainable weight")
     summary = ", ".join(f"{name} {other.peak / GIB:.1f}" for name, other in others.items())
     lines.append(f"the same run placed otherwise ({devices} devices, single: one), peak GB: {summary}")
     return "\n".join(lines)
