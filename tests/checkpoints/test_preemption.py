@@ -216,7 +216,7 @@ def test_sigterm_at_random_moments_resumes_cleanly():
     """A short run of the kill script with SIGTERM: each stop leaves a checkpoint, same final weights."""
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "kill_resume.py"), "--signal", "TERM", "--trials", "1",
-         "--steps", "30", "--max_wait", "3", "--seed", "2"],
+         "--steps", "300", "--max_wait", "3", "--seed", "2"],
         capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
