@@ -31,7 +31,7 @@ computes per pair: TRL's fused head scores every position of both rows on CPU (i
 completion positions only, needs Triton: a GPU), SAPO the positions after the shared prefix.
 The last line printed is one JSON object.
 
-    python benchmarks/large_vocab.py            # the default setting (about 10 minutes on 2 quiet cores)
+    python benchmarks/large_vocab.py            # default setting: 4 minutes on 2 quiet cores, 18 on busy ones
     python benchmarks/large_vocab.py --quick    # a small vocabulary and short pairs: checks that it runs
     python benchmarks/large_vocab.py --configs trl_dpo sapo_update sapo_update_unchunked
 """

@@ -16,7 +16,7 @@ char``: the one-token-per-character tokenizer of ``sapo.builtin.tiny``), with
 are compared id for id, and the two are timed in turn over ``--rounds`` rounds (medians). The
 last line printed is one JSON object.
 
-    python benchmarks/tokenize_rows.py                # 4000 rows per format, 3 rounds (about a minute)
+    python benchmarks/tokenize_rows.py                # 4000 rows per format, 3 rounds: 5 min on busy cores
     python benchmarks/tokenize_rows.py --quick        # 200 rows, 1 round: checks that it runs
     python benchmarks/tokenize_rows.py --num_proc 2   # prepare_dataset in 2 processes
 """

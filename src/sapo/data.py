@@ -91,23 +91,15 @@ def tokenize_rows(
 
     Plain rows go through the tokenizer in one call per column; conversational rows through the
     chat template in one call for the prompts and one for the whole conversations, then the
-    tokenizer likewise: the same ids as row by row, in a fraction of the time (fast tokenizers
-    encode a batch in parallel). ``indices`` name the rows in errors (default: their positions).
+    tokenizer likewise: the same ids as row by row, with each call's overhead paid once per batch
+    (and a fast tokenizer encodes a batch on all cores). ``indices`` name the rows in errors
+    (default: their positions).
     """
     indices = range(len(prompts)) if indices is None else indices
-    prompt_ids: list[list[int]] = [[] for _ in prompts]
-    gold_ids: list[list[int]] = [[] for _ in prompts]
     plain = [i for i, prompt in enumerate(prompts) if isinstance(prompt, str)]
     chat = [i for i, prompt in enumerate(prompts) if not isinstance(prompt, str)]
-    if plain:
-        prompt_texts = [prompts[i] for i in plain]
-        answer_texts = [answers[i] for i in plain]
-        encoded = zip(
-            tokenizer(prompt_texts, add_special_tokens=True)["input_ids"],
-            tokenizer(answer_texts, add_special_tokens=False)["input_ids"],
-        )
-        for i, (prompt_row, gold_row) in zip(plain, encoded):
-            prompt_ids[i], gold_ids[i] = prompt_row, gold_row
+    # (rows, prompt texts, answer texts, whether the prompt gets the tokenizer's special tokens)
+    groups = [(plain, [prompts[i] for i in plain], [answers[i] for i in plain], True)] if plain else []
     if chat:
         if tokenizer.chat_template is None:
             raise ValueError(
@@ -124,11 +116,15 @@ def tokenize_rows(
                     "conversation"
                 )
         answer_texts = [full[len(prompt) :] for prompt, full in zip(prompt_texts, full_texts)]
+        groups.append((chat, prompt_texts, answer_texts, False))
+    prompt_ids: list[list[int]] = [[] for _ in prompts]
+    gold_ids: list[list[int]] = [[] for _ in prompts]
+    for rows, prompt_texts, answer_texts, specials in groups:
         encoded = zip(
-            tokenizer(prompt_texts, add_special_tokens=False)["input_ids"],
+            tokenizer(prompt_texts, add_special_tokens=specials)["input_ids"],
             tokenizer(answer_texts, add_special_tokens=False)["input_ids"],
         )
-        for i, (prompt_row, gold_row) in zip(chat, encoded):
+        for i, (prompt_row, gold_row) in zip(rows, encoded):
             prompt_ids[i], gold_ids[i] = prompt_row, gold_row
     eos = tokenizer.eos_token_id
     return prompt_ids, [_end_with_eos(ids, eos, tokenizer) for ids in gold_ids]

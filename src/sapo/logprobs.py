@@ -116,8 +116,8 @@ def position_logps(
 ) -> torch.Tensor:
     """Float32 ``(N, S)`` log-probs of the targets of the scored ``positions`` ``(N,)``.
 
-    ``inputs`` are the model's forward arguments (``input_ids`` first dimension rows, second
-    positions). ``targets`` ``(rows, K, S)`` holds the ``S`` tokens each of a row's last ``K``
+    ``inputs`` are the model's forward arguments, ``input_ids`` of shape ``(rows, width)``.
+    ``targets`` ``(rows, K, S)`` holds the ``S`` tokens each of a row's last ``K``
     positions predicts; ``positions`` index that grid flattened (``row * K + k``). With
     ``chunk_size`` (positions per chunk) and a :func:`chunkable_head`, the head runs on the scored
     positions only, chunk by chunk (:func:`token_logps`); otherwise (``chunk_size`` 0 or ``None``,
@@ -172,15 +172,17 @@ def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
 class _ChunkBuffers:
     """One chunk's logits, allocated once per call and reused by every chunk: on CPU a fresh
     allocation of that size is mapped anew each time, and its page faults cost as much as the
-    softmax over it. ``float32`` views them in float32 (a second buffer when the product runs in
-    a lower precision)."""
+    softmax over it. ``product`` holds the matrix product in its dtype, ``floats`` the float32
+    logits (the same buffer when the product runs in float32)."""
 
     def __init__(self, positions: int, weight: torch.Tensor, bias: torch.Tensor | None, dtype, device):
         self.weight = weight.to(dtype)
         self.bias = None if bias is None else bias.to(dtype)
         shape = (positions, weight.shape[0])
         self.product = torch.empty(shape, dtype=dtype, device=device)
-        self.floats = self.product if dtype == torch.float32 else torch.empty(shape, device=device)
+        self.floats = (
+            self.product if dtype == torch.float32 else torch.empty(shape, dtype=torch.float32, device=device)
+        )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 ``hidden @ weight.T + bias``, in the buffers (valid until the next call)."""
@@ -192,6 +194,7 @@ class _ChunkBuffers:
         return out if self.floats is self.product else self.floats[: hidden.shape[0]].copy_(out)
 
     def in_product_dtype(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` (float32, in ``floats``) in the product's dtype, for the gradient products."""
         return values if self.floats is self.product else self.product[: values.shape[0]].copy_(values)
 
 

@@ -239,10 +239,11 @@ def packed_completion_logps(
     Same contract as ``sapo.scoring.completion_logps``: ``(logps, lengths)`` of shape ``(2B,)``,
     rows ``[:B]`` chosen and ``[B:]`` rejected. Response tokens inside the shared prefix (such as
     ``gold[:cut]``) count for both sides, as they do when the sides are scored separately, unless
-    the batch was packed without them (``score_shared_prefix=False``). The LM head runs on
-    ``batch["scored_positions"]`` only, ``chunk_size`` positions at a time where the model allows
-    it (:func:`sapo.logprobs.position_logps`); each scored position gets one log-softmax for the
-    targets of both sides.
+    the batch was packed without them (``score_shared_prefix=False``). Where the model allows it,
+    the LM head runs on ``batch["scored_positions"]`` only, ``chunk_size`` positions at a time
+    (:func:`sapo.logprobs.position_logps`); otherwise the model computes the logits of the last
+    ``K`` positions, those ``batch["targets"]`` covers. Each scored position gets one log-softmax
+    for the targets of both sides.
     """
     targets, target_mask = batch["targets"], batch["target_mask"]
     pairs, keep = targets.shape[:2]

@@ -42,19 +42,20 @@ def collate_pairs(
     token ``t + 1``): every response token but a sequence's first, and, without
     ``score_shared_prefix``, only those past the tokens the pair's two sequences share at their start.
     """
-    shared = [
-        0
-        if score_shared_prefix
-        else len(pair["prompt_ids"]) + common_prefix_length(pair["chosen_ids"], pair["rejected_ids"])
+    # a pair's first scored token: past its prompt, and without score_shared_prefix past what its
+    # two sequences share
+    starts = [
+        len(pair["prompt_ids"])
+        + (0 if score_shared_prefix else common_prefix_length(pair["chosen_ids"], pair["rejected_ids"]))
         for pair in pairs
     ]
     sequences, completion_masks, scored = [], [], []
     for side in ("chosen_ids", "rejected_ids"):
-        for pair, skipped in zip(pairs, shared):
+        for pair, start in zip(pairs, starts):
             prompt, response = pair["prompt_ids"], pair[side]
             sequences.append(torch.tensor(list(prompt) + list(response), dtype=torch.long))
             completion_masks.append(torch.tensor([0] * len(prompt) + [1] * len(response), dtype=torch.long))
-            scored.append(range(max(1, len(prompt), skipped), len(prompt) + len(response)))
+            scored.append(range(max(1, start), len(prompt) + len(response)))
     width = max(len(sequence) for sequence in sequences)
     positions = [row * width + token - 1 for row, tokens in enumerate(scored) for token in tokens]
     return {
@@ -71,15 +72,14 @@ def completion_logps(
     """Summed response log-probs and scored token counts, one value per row of ``collate_pairs``.
 
     Returns ``(logps, lengths)`` with ``logps[i] = Σ_t log p(x_t | x_<t)`` over row ``i``'s scored
-    tokens (``batch["scored_positions"]``). The LM head runs on those positions only,
-    ``chunk_size`` at a time where the model allows it (:func:`sapo.logprobs.position_logps`).
+    tokens (``batch["scored_positions"]``). Where the model allows it, the LM head runs on those
+    positions only, ``chunk_size`` at a time (:func:`sapo.logprobs.position_logps`); otherwise the
+    model computes the logits of every position.
     """
     input_ids, positions = batch["input_ids"], batch["scored_positions"]
     rows, width = input_ids.shape
     inputs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"]}
-    targets = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)[
-        ..., None
-    ]  # the last column predicts nothing
+    targets = input_ids.roll(-1, dims=1)[..., None]  # the next token (the last position's is never scored)
     per_token = position_logps(model, inputs, targets, positions, chunk_size)[:, 0]
     # back onto the (2B, T) grid (each position once: deterministic, unlike a scattered sum)
     grid = per_token.new_zeros(rows * width).index_copy(0, positions, per_token)
