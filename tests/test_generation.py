@@ -267,3 +267,14 @@ def test_num_threads_restored_when_generation_fails(tokenizer):
     with pytest.raises(RuntimeError, match="generation failed"):
         _greedy(tokenizer, num_threads=1).generate(model, random_prefixes(tokenizer, [3]), [4])
     assert torch.get_num_threads() == before
+
+
+def test_diverged_sampling_model_is_a_floating_point_error(tokenizer):
+    from sapo.generation import self_augmented_pairs
+
+    model = untied_model(tokenizer, seed=1)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    rows = [(prefix, [7, 8, 9, 10, tokenizer.eos_token_id]) for prefix in random_prefixes(tokenizer, [3, 5])]
+    with pytest.raises(FloatingPointError, match="not finite"):
+        self_augmented_pairs(model, rows, make_generator(tokenizer), torch.Generator().manual_seed(0), 3, None)

@@ -177,11 +177,20 @@ def self_augmented_pairs(
     rewrite one window of each gold answer in one batched call, splice the rejected answers.
 
     Returns the pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) and the number of tokens
-    generated.
+    generated. A model whose weights diverged raises ``FloatingPointError`` (one line from the
+    CLI) instead of torch's sampling error.
     """
     cuts = [sample_cut(len(p), len(g), segment_length, max_length, cut_generator) for p, g in rows]
     prefixes = [list(p) + list(g[:cut]) for (p, g), (cut, _) in zip(rows, cuts)]
-    segments = sampler.generate(model, prefixes, [window for _, window in cuts])
+    try:
+        segments = sampler.generate(model, prefixes, [window for _, window in cuts])
+    except RuntimeError as error:  # torch.multinomial on NaN or infinite probabilities
+        if "probability tensor contains" not in str(error):
+            raise
+        raise FloatingPointError(
+            "the sampling model's next-token probabilities are not finite (its weights diverged): "
+            "lower the learning rate, raise ema_decay or train in float32"
+        ) from error
     pairs = [
         {
             "prompt_ids": list(p),

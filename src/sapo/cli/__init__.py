@@ -31,11 +31,13 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 
+from sapo.builtin import BUILTIN_MODELS
+from sapo.builtin.tasks import TASKS
 from sapo.checkpoints import CheckpointError
 from sapo.cli.arguments import closest
 from sapo.cli.commands import COMMANDS
 
-USAGE = """usage: sapo <command> [--config FILE.yaml] [--field value ...] [--debug]
+_USAGE = """usage: sapo <command> [--config FILE.yaml] [--field value ...] [--debug]
 
 Self-Augmented Preference Optimization (arXiv 2405.20830).
 
@@ -50,9 +52,20 @@ commands:
   plan    memory per device of a recipe's run (weights, EMA, reference, activations...) and whether it fits
 
 `sapo <command> --help` lists a command's fields. Built-in names work offline:
-models builtin:tiny, builtin:small, builtin:tiny-multiplication-sft,
-builtin:tiny-long-multiplication-sft; datasets builtin:addition, builtin:multiplication,
-builtin:long-multiplication (splits train, preference, validation, test)."""
+{models};
+{tasks} (splits train, preference, validation, test)."""
+
+
+def _wrapped(label: str, names) -> str:
+    """``label`` and the ``builtin:`` names, wrapped at 95 columns."""
+    import textwrap
+
+    return textwrap.fill(
+        f"{label} " + ", ".join(f"builtin:{name}" for name in names), width=95, break_on_hyphens=False
+    )
+
+
+USAGE = _USAGE.format(models=_wrapped("models", BUILTIN_MODELS), tasks=_wrapped("datasets", TASKS))
 
 # bad input surfaces as one of these while a command prepares
 INPUT_ERRORS = (ValueError, TypeError, KeyError, OSError)

@@ -35,9 +35,9 @@ class ModelArguments:
 
     Parameters:
         model_name_or_path (`str`):
-            A built-in model (`builtin:tiny`, `builtin:small`, `builtin:tiny-multiplication-sft`,
-            `builtin:tiny-long-multiplication-sft`), a Hub id or a local folder saved with
-            `save_pretrained`.
+            A built-in model (`builtin:tiny`, `builtin:small` or a warm start
+            `builtin:tiny-<task>-sft`; `sapo --help` lists them), a Hub id or a local folder saved
+            with `save_pretrained`.
         torch_dtype (`str`, *optional*):
             Weight dtype when loading: `auto`, `bfloat16`, `float16` or `float32`.
         attn_implementation (`str`, *optional*):
@@ -93,9 +93,8 @@ class DataArguments:
 
     Parameters:
         dataset_name (`str`):
-            A built-in task (`builtin:addition`, `builtin:multiplication`,
-            `builtin:long-multiplication`), a Hub id, a local `.json`/`.jsonl`/`.parquet` file, or a
-            local folder of such files.
+            A built-in task (`builtin:<task>`, e.g. `builtin:sorting`; `sapo --help` lists them),
+            a Hub id, a local `.json`/`.jsonl`/`.parquet` file, or a local folder of such files.
         dataset_split (`str`, *optional*, defaults to `"train"`):
             Split to read. A single local file is one split and ignores this. Built-in tasks have
             `train` (the shipped warm starts' SFT data), `preference` (prompts those warm starts
@@ -107,8 +106,7 @@ class DataArguments:
 
     dataset_name: str = field(
         metadata={
-            "help": "builtin:<task> (addition, multiplication, long-multiplication), a Hub id, a local "
-            "data file or folder."
+            "help": "builtin:<task> (sapo --help lists them), a Hub id, a local data file or folder."
         }
     )
     dataset_split: str = field(default="train", metadata={"help": "Split to read; a single file ignores it."})
