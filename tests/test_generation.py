@@ -277,4 +277,5 @@ def test_diverged_sampling_model_is_a_floating_point_error(tokenizer):
         model.lm_head.weight.fill_(float("nan"))
     rows = [(prefix, [7, 8, 9, 10, tokenizer.eos_token_id]) for prefix in random_prefixes(tokenizer, [3, 5])]
     with pytest.raises(FloatingPointError, match="not finite"):
-        self_augmented_pairs(model, rows, make_generator(tokenizer), torch.Generator().manual_seed(0), 3, None)
+        generator = torch.Generator().manual_seed(0)
+        self_augmented_pairs(model, rows, make_generator(tokenizer), generator, 3, None)

@@ -105,9 +105,7 @@ class DataArguments:
     """
 
     dataset_name: str = field(
-        metadata={
-            "help": "builtin:<task> (sapo --help lists them), a Hub id, a local data file or folder."
-        }
+        metadata={"help": "builtin:<task> (sapo --help lists them), a Hub id, a local data file or folder."}
     )
     dataset_split: str = field(default="train", metadata={"help": "Split to read; a single file ignores it."})
     messages_column: str | None = field(
