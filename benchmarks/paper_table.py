@@ -93,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from sapo.builtin import BUILTIN_CHECKPOINTS
 
     for task in [] if args.warm_start else args.tasks:
-        if f"tiny-{task}-sft" not in BUILTIN_CHECKPOINTS:
+        if warm_start_name(task).removeprefix("builtin:") not in BUILTIN_CHECKPOINTS:
             parser.error(f"no shipped warm start for builtin:{task}; pass --warm_start")
     if args.steps <= 0 or args.steps % 10:
         parser.error(
@@ -233,7 +233,7 @@ def results_document(summary: dict, tasks, methods, answer_tokens: dict[str, flo
             row = summary[(task, method)]
             rows[method] = {
                 "mean": round(row["test_mean"], 4), "std": round(row["test_std"], 4),
-                **{name: round(value, 4) if isinstance(value, float) else value
+                **{name: value if name == "learning_rate" or not isinstance(value, float) else round(value, 4)
                    for name, value in row.items() if name not in ("test_mean", "test_std")},
             }  # fmt: skip
         document["tasks"][task] = {"mean_answer_tokens": round(answer_tokens[task], 2), "methods": rows}

@@ -1,13 +1,13 @@
-"""Reproduce the SFT warm starts shipped as `builtin:tiny-<task>-sft`, and measure where SFT plateaus.
+"""Reproduce the SFT warm starts shipped as `builtin:<size>-<task>-sft`; measure where SFT plateaus.
 
-    python scripts/make_warm_start.py [--install] [--dataset_name builtin:TASK] [sapo sft flags ...]
+    python scripts/make_warm_start.py [--install] [--dataset_name builtin:TASK] [--name NAME] [flags ...]
 
-Runs `sapo sft --config recipes/warm-start/tiny-<task>-sft.yaml` (other flags are passed on to
-it), scores every saved checkpoint by greedy exact match on the task's validation split, and
-prints the curve. `--install` then copies the final weights into src/sapo/builtin/assets/tiny-<task>-sft,
-the built-in model `builtin:tiny-<task>-sft`. The final model is also scored on the first 1000
-rows of every split (train against test shows whether it learned its data by heart). The last
-line printed is a JSON object.
+Runs `sapo sft --config recipes/warm-start/NAME.yaml` (NAME defaults to `tiny-<task>-sft`; other
+flags are passed on to it), scores every saved checkpoint by greedy exact match on the task's
+validation split, and prints the curve. `--install` then copies the final weights into
+src/sapo/builtin/assets/NAME, the built-in model `builtin:NAME`. The final model is also scored
+on the first 1000 rows of every split (train against test shows whether it learned its data by
+heart). The last line printed is a JSON object.
 
 Measure other budgets with e.g. `--max_steps 12000` (the cosine schedule then decays over the
 shorter run): the recipes' budgets are where the validation exact match stopped rising.
@@ -52,13 +52,15 @@ def main() -> int:
     )
     parser.add_argument("--install", action="store_true", help="copy the final weights into the package")
     parser.add_argument("--dataset_name", default="builtin:multiplication")
-    parser.add_argument("--output_dir", help="default: outputs/tiny-<task>-sft")
+    parser.add_argument("--name", help="the warm start's recipe and built-in name; default tiny-<task>-sft")
+    parser.add_argument("--output_dir", help="default: outputs/NAME")
     args, sft_flags = parser.parse_known_args()
     task = builtin_name(args.dataset_name)
-    recipe = RECIPES / f"tiny-{task}-sft.yaml"
+    args.name = args.name or f"tiny-{task}-sft"
+    recipe = RECIPES / f"{args.name}.yaml"
     if task is None or not recipe.exists():
-        parser.error(f"--dataset_name must be a built-in task with a recipe in {RECIPES}")
-    args.output_dir = args.output_dir or str(ROOT / "outputs" / f"tiny-{task}-sft")
+        parser.error(f"--dataset_name must be a built-in task and {args.name}.yaml a recipe in {RECIPES}")
+    args.output_dir = args.output_dir or str(ROOT / "outputs" / args.name)
 
     started = time.perf_counter()
     flags = ["--dataset_name", args.dataset_name, "--output_dir", args.output_dir, *sft_flags]
@@ -81,7 +83,7 @@ def main() -> int:
     print("  final, first 1000 rows of each split: " + ", ".join(f"{k} {v:.3f}" for k, v in splits.items()))
 
     if args.install:
-        target = checkpoint_path(f"tiny-{task}-sft")
+        target = checkpoint_path(args.name)
         target.mkdir(parents=True, exist_ok=True)
         for name in MODEL_FILES:
             shutil.copy2(output / name, target / name)

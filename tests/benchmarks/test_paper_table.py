@@ -84,6 +84,7 @@ def test_summary_averages_the_chosen_rate_over_seeds_only():
     assert entry["mean_answer_tokens"] == 6.0
     assert entry["methods"]["DPO"]["mean"] == pytest.approx(0.5)
     assert entry["methods"]["DPO"]["std"] == pytest.approx(0.1)
+    assert entry["methods"]["DPO"]["learning_rate"] == 3e-5  # a rate is not rounded away
 
 
 def test_docs_results_json_has_every_method_of_the_table():
@@ -95,6 +96,7 @@ def test_docs_results_json_has_every_method_of_the_table():
         for name in ("continued SFT", "SPIN", "DPO", "ORPO", "SAPO-DPO", "SAPO-ORPO"):
             assert {"mean", "std"} <= set(methods[name]), (task, name)
             assert 0.0 <= methods[name]["mean"] <= 1.0 and methods[name]["std"] >= 0.0
+            assert methods[name]["learning_rate"] > 0, (task, name)
     assert any(entry["mean_answer_tokens"] >= 30 for entry in document["tasks"].values())
 
 

@@ -18,6 +18,7 @@ BUILTIN_CHECKPOINTS = (
     "tiny-long-multiplication-sft",
     "tiny-worked-multiplication-sft",
     "tiny-sorting-sft",
+    "micro-worked-multiplication-sft",
 )
 BUILTIN_MODELS = (*TINY_MODEL_SIZES, *BUILTIN_CHECKPOINTS)
 
