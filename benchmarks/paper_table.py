@@ -1,7 +1,8 @@
 """The paper's comparison at small scale: SAPO against SFT, SPIN, DPO and ORPO on built-in tasks.
 
 For each built-in task, every method starts from the same SFT warm start (``builtin:tiny-<task>-sft``,
-trained on the task's ``train`` split until its validation exact match stopped rising;
+or ``builtin:micro-worked-multiplication-sft``, a model too small for that task, at its plateau;
+``--warm_start`` names another; ``recipes/warm-start/`` gives each one's curve and
 ``scripts/make_warm_start.py`` reproduces it) and trains for the same number of optimizer steps of
 the same batch size on the same prompts of the task's ``preference`` split, which the warm start
 never saw (``benchmarks/paper_methods.py`` says what each method does). The default tasks have long
