@@ -90,6 +90,7 @@ class SegmentGenerator:
         """Sample up to ``max_new_tokens[i]`` tokens after ``prefixes[i]`` for every row at once.
 
         A returned segment ends at its first EOS (kept) or at its limit, whichever comes first.
+        A model whose weights diverged raises ``FloatingPointError``.
         """
         if len(prefixes) != len(max_new_tokens):
             raise ValueError("prefixes and max_new_tokens differ in length")
@@ -109,7 +110,7 @@ class SegmentGenerator:
         devices = [device] if device.type == "cuda" else []
         threads = self.num_threads if device.type == "cpu" else None
         cached_loop = self.backend == "auto" and supports_cached_loop(model, width + most)
-        with torch.random.fork_rng(devices=devices), _intra_op_threads(threads):
+        with torch.random.fork_rng(devices=devices), _intra_op_threads(threads), _diverged_model_error():
             torch.manual_seed(call_seed)
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             if cached_loop:
@@ -141,6 +142,21 @@ class SegmentGenerator:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator_state"])
+
+
+@contextlib.contextmanager
+def _diverged_model_error():
+    """Turn torch's sampling error on NaN or infinite probabilities (a model whose weights
+    diverged) into a ``FloatingPointError``, which the CLI reports in one line."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "probability tensor contains" not in str(error):
+            raise
+        raise FloatingPointError(
+            "the sampling model's next-token probabilities are not finite (its weights diverged): "
+            "lower the learning rate, raise ema_decay or train in float32"
+        ) from error
 
 
 @contextlib.contextmanager
@@ -177,20 +193,11 @@ def self_augmented_pairs(
     rewrite one window of each gold answer in one batched call, splice the rejected answers.
 
     Returns the pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) and the number of tokens
-    generated. A model whose weights diverged raises ``FloatingPointError`` (one line from the
-    CLI) instead of torch's sampling error.
+    generated.
     """
     cuts = [sample_cut(len(p), len(g), segment_length, max_length, cut_generator) for p, g in rows]
     prefixes = [list(p) + list(g[:cut]) for (p, g), (cut, _) in zip(rows, cuts)]
-    try:
-        segments = sampler.generate(model, prefixes, [window for _, window in cuts])
-    except RuntimeError as error:  # torch.multinomial on NaN or infinite probabilities
-        if "probability tensor contains" not in str(error):
-            raise
-        raise FloatingPointError(
-            "the sampling model's next-token probabilities are not finite (its weights diverged): "
-            "lower the learning rate, raise ema_decay or train in float32"
-        ) from error
+    segments = sampler.generate(model, prefixes, [window for _, window in cuts])
     pairs = [
         {
             "prompt_ids": list(p),

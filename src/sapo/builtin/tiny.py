@@ -21,7 +21,7 @@ CHAT_TEMPLATE = (
 )
 
 TINY_MODEL_SIZES = {
-    # ~27k parameters: too small to learn the long-answer tasks perfectly (a capacity-limited SFT
+    # ~22k parameters: too small to learn the long-answer tasks perfectly (a capacity-limited SFT
     # plateau, where preference methods have errors left to fix)
     "micro": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
     # ~0.1M parameters: unit and end-to-end tests

@@ -29,6 +29,7 @@ import io
 import os
 import sys
 import tempfile
+import textwrap
 from collections.abc import Iterator, Sequence
 
 from sapo.builtin import BUILTIN_MODELS
@@ -58,8 +59,6 @@ commands:
 
 def _wrapped(label: str, names) -> str:
     """``label`` and the ``builtin:`` names, wrapped at 95 columns."""
-    import textwrap
-
     return textwrap.fill(
         f"{label} " + ", ".join(f"builtin:{name}" for name in names), width=95, break_on_hyphens=False
     )
