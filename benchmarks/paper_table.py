@@ -6,8 +6,9 @@ or ``builtin:micro-worked-multiplication-sft``, a model too small for that task,
 ``scripts/make_warm_start.py`` reproduces it) and trains for the same number of optimizer steps of
 the same batch size on the same prompts of the task's ``preference`` split, which the warm start
 never saw (``benchmarks/paper_methods.py`` says what each method does). The default tasks have long
-answers (``worked-multiplication``, ``sorting``: 33-40 tokens) so that a segment is a local part of
-the answer; ``--tasks multiplication long-multiplication --segment_length 3`` runs the short ones.
+answers (``worked-multiplication``, ``wide-worked-multiplication``, ``sorting``: 33-61 tokens) so
+that a segment is a local part of the answer; ``--tasks multiplication long-multiplication
+--segment_length 3`` runs the short ones.
 
 Learning rates are chosen on the validation split: every method is trained with each rate of
 its grid at seed 0 and the rate with the best validation exact match is kept (ties: the smaller
@@ -42,6 +43,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paper_methods import ABLATIONS, FAMILY, METHODS, Job, run_job, warm_start_name  # noqa: E402
 
+LONG_ANSWER_TASKS = ("worked-multiplication", "wide-worked-multiplication", "sorting")
 GRIDS = {  # learning rates tried on the validation split, per family
     "full": {"sft": (1e-4, 3e-4), "dpo": (1e-5, 3e-5, 1e-4), "orpo": (1e-4, 3e-4)},
     "quick": {"sft": (1e-4, 3e-4), "dpo": (3e-5, 1e-4), "orpo": (1e-4, 3e-4)},
@@ -57,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="the reduced grid (under 15 minutes)")
-    parser.add_argument("--tasks", nargs="+", default=["worked-multiplication", "sorting"])
+    parser.add_argument("--tasks", nargs="+", default=list(LONG_ANSWER_TASKS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD")
     parser.add_argument("--steps", type=int, help="optimizer steps of every method (a multiple of 10)")
     parser.add_argument(
@@ -69,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--segment_length",
         type=int,
         default=8,
-        help="SAPO's L (the long answers are 33-40 tokens; 3 for the short-answer tasks)",
+        help="SAPO's L (the long answers are 33-61 tokens; 3 for the short-answer tasks)",
     )
     parser.add_argument("--ref_model_sync_steps", type=int, default=60)
     parser.add_argument("--workers", type=int, default=2, help="runs trained at once, one CPU thread each")

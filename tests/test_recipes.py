@@ -25,6 +25,7 @@ COMMAND_OF = {
     "warm-start/tiny-long-multiplication-sft.yaml": "sft",
     "warm-start/tiny-worked-multiplication-sft.yaml": "sft",
     "warm-start/tiny-sorting-sft.yaml": "sft",
+    "warm-start/tiny-wide-worked-multiplication-sft.yaml": "sft",
     "warm-start/micro-worked-multiplication-sft.yaml": "sft",
     "demo/demo.yaml": "demo",
 }

@@ -20,7 +20,7 @@ from sapo.builtin.tasks import (
 from sapo.data import prepare_dataset
 
 OPERATORS = {"+": operator.add, "*": operator.mul}
-LONG_TASKS = ("worked-multiplication", "sorting")
+LONG_TASKS = ("worked-multiplication", "wide-worked-multiplication", "sorting")
 TEMPLATE_TOKENS = 3  # <|user|>, <|end|>, <|assistant|> around the prompt of the char tokenizer
 
 
@@ -37,7 +37,7 @@ def worked_product(prompt: str) -> str:
 
 
 def solve(prompt: str, task: str) -> str:
-    if task == "worked-multiplication":
+    if task in ("worked-multiplication", "wide-worked-multiplication"):
         return worked_product(prompt)
     if task == "sorting":
         numbers = prompt.removeprefix("sort:").rstrip("=").split(",")
@@ -79,6 +79,11 @@ def test_splits_are_pinned():
         "341*8=2728;341*40=13640;2728+13640=16368",
     )
     assert task_problems("worked-multiplication", "train")[0][0] == "450*48="
+    assert task_problems("wide-worked-multiplication", "test")[0] == (
+        "431*254=",
+        "431*4=1724;431*50=21550;431*200=86200;1724+21550+86200=109474",
+    )
+    assert task_problems("wide-worked-multiplication", "train")[0][0] == "285*925="
     assert task_problems("sorting", "test")[0] == (
         "sort:79,32,94,45,88,94,83,67,03,59,99=",
         "03,32,45,59,67,79,83,88,94,94,99",
@@ -160,7 +165,9 @@ def test_task_scores_match_greedy_generate_and_exact_match(tokenizer):
 
 def test_unknown_names_fail_with_the_choices():
     with pytest.raises(
-        ValueError, match="addition, long-multiplication, multiplication, sorting, worked-multiplication"
+        ValueError,
+        match="addition, long-multiplication, multiplication, sorting, wide-worked-multiplication, "
+        "worked-multiplication",
     ):
         task_dataset("division", "train")
     with pytest.raises(ValueError, match="train, preference, validation, test"):

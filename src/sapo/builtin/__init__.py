@@ -17,6 +17,7 @@ BUILTIN_CHECKPOINTS = (
     "tiny-multiplication-sft",
     "tiny-long-multiplication-sft",
     "tiny-worked-multiplication-sft",
+    "tiny-wide-worked-multiplication-sft",
     "tiny-sorting-sft",
     "micro-worked-multiplication-sft",
 )

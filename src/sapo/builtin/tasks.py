@@ -73,14 +73,24 @@ def _long_multiplication(rng: random.Random) -> tuple[str, str]:
     return f"{a}*{b}=", str(a * b)
 
 
-def _worked_multiplication(rng: random.Random) -> tuple[str, str]:
-    """``347*86=`` -> ``347*6=2082;347*80=27760;2082+27760=29842``: one partial product per digit
-    of the multiplier, then their sum. A 4-16-token stretch is one step of the work."""
-    a, b = rng.randint(100, 999), rng.randint(10, 99)
+def _worked_product(a: int, b: int) -> tuple[str, str]:
+    """``a*b=`` and the work: ``a`` times each digit of ``b`` at its place, then the partials' sum."""
     places = [int(digit) * 10**power for power, digit in enumerate(reversed(str(b)))]
     partials = [a * place for place in places]
     steps = [f"{a}*{place}={partial}" for place, partial in zip(places, partials)]
     return f"{a}*{b}=", ";".join([*steps, f"{'+'.join(map(str, partials))}={a * b}"])
+
+
+def _worked_multiplication(rng: random.Random) -> tuple[str, str]:
+    """``347*86=`` -> ``347*6=2082;347*80=27760;2082+27760=29842``: one partial product per digit
+    of the multiplier, then their sum. A 4-16-token stretch is one step of the work."""
+    return _worked_product(rng.randint(100, 999), rng.randint(10, 99))
+
+
+def _wide_worked_multiplication(rng: random.Random) -> tuple[str, str]:
+    """``431*254=`` -> ``431*4=1724;431*50=21550;431*200=86200;1724+21550+86200=109474``: three
+    partial products and a sum of three, about 60 characters."""
+    return _worked_product(rng.randint(100, 999), rng.randint(100, 999))
 
 
 def _sorting(rng: random.Random) -> tuple[str, str]:
@@ -123,6 +133,15 @@ TASKS = {
             sizes=LONG_SIZES,  # of 81,000 distinct problems
             seed=4,
             max_length=56,
+            max_prompt_length=16,
+        ),
+        Task(
+            name="wide-worked-multiplication",
+            description="three-digit by three-digit multiplication, partial products written out",
+            draw=_wide_worked_multiplication,
+            sizes=LONG_SIZES,  # of 810,000 distinct problems
+            seed=7,
+            max_length=80,
             max_prompt_length=16,
         ),
         Task(
