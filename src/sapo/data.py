@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from datasets import Dataset, Features, List, Value
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +91,11 @@ def tokenize_rows(
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Token ids of each prompt and of its gold answer (ending in EOS), for rows from :func:`split_row`.
 
-    Plain rows go through the tokenizer in one call per column; conversational rows through the
-    chat template in one call for the prompts and one for the whole conversations, then the
-    tokenizer likewise: the same ids as row by row, with each call's overhead paid once per batch
-    (and a fast tokenizer encodes a batch on all cores). ``indices`` name the rows in errors
-    (default: their positions).
+    Plain rows are encoded in one call per column; conversational rows go through the chat
+    template in one call for the prompts and one for the whole conversations, then one encoding
+    call for both texts (:func:`encode_texts`): the same ids as row by row, with each call's
+    overhead paid once per batch (and a fast tokenizer encodes a batch on all cores).
+    ``indices`` name the rows in errors (default: their positions).
     """
     indices = range(len(prompts)) if indices is None else indices
     plain = [i for i, prompt in enumerate(prompts) if isinstance(prompt, str)]
@@ -120,14 +122,46 @@ def tokenize_rows(
     prompt_ids: list[list[int]] = [[] for _ in prompts]
     gold_ids: list[list[int]] = [[] for _ in prompts]
     for rows, prompt_texts, answer_texts, specials in groups:
-        encoded = zip(
-            tokenizer(prompt_texts, add_special_tokens=specials)["input_ids"],
-            tokenizer(answer_texts, add_special_tokens=False)["input_ids"],
-        )
+        if specials:
+            prompt_rows = encode_texts(tokenizer, prompt_texts, True)
+            encoded = zip(prompt_rows, encode_texts(tokenizer, answer_texts, False))
+        else:  # one call for both columns: one pass over the batch on every core
+            both = encode_texts(tokenizer, [*prompt_texts, *answer_texts], False)
+            encoded = zip(both[: len(rows)], both[len(rows) :])
         for i, (prompt_row, gold_row) in zip(rows, encoded):
             prompt_ids[i], gold_ids[i] = prompt_row, gold_row
     eos = tokenizer.eos_token_id
     return prompt_ids, [_end_with_eos(ids, eos, tokenizer) for ids in gold_ids]
+
+
+def encode_texts(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """The ids ``tokenizer(texts, add_special_tokens=...)["input_ids"]`` returns, faster where it is safe.
+
+    A fast tokenizer's ``__call__`` builds a full ``Encoding`` (offsets, masks, word ids) per text
+    and converts each into Python lists: on long chat turns that costs as much as the encoding
+    itself. When the call would only reach the Rust backend's ``encode_batch`` unchanged (a
+    ``TokenizersBackend`` whose encoding path is not overridden, with no truncation or padding
+    left set on the backend and its special-token splitting as the tokenizer's), the backend's
+    ``encode_batch_fast`` is asked for the ids alone; otherwise (slow tokenizers, subclasses,
+    settings the call would reset) the tokenizer is called as usual.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    same_path = (
+        isinstance(tokenizer, TokenizersBackend)
+        and type(tokenizer)._encode_plus is TokenizersBackend._encode_plus
+        and type(tokenizer).__call__ is PreTrainedTokenizerBase.__call__
+        and backend is not None
+        and hasattr(backend, "encode_batch_fast")
+    )
+    if (
+        same_path
+        and backend.truncation is None
+        and backend.padding is None
+        and backend.encode_special_tokens == tokenizer.split_special_tokens
+    ):
+        encodings = backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
+        return [encoding.ids for encoding in encodings]
+    return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
 
 
 def _end_with_eos(gold_ids: list[int], eos: int, tokenizer) -> list[int]:
