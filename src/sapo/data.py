@@ -146,15 +146,11 @@ def encode_texts(tokenizer, texts: list[str], add_special_tokens: bool) -> list[
     settings the call would reset) the tokenizer is called as usual.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    same_path = (
+    if (
         isinstance(tokenizer, TokenizersBackend)
         and type(tokenizer)._encode_plus is TokenizersBackend._encode_plus
         and type(tokenizer).__call__ is PreTrainedTokenizerBase.__call__
-        and backend is not None
         and hasattr(backend, "encode_batch_fast")
-    )
-    if (
-        same_path
         and backend.truncation is None
         and backend.padding is None
         and backend.encode_special_tokens == tokenizer.split_special_tokens
