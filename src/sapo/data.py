@@ -124,11 +124,11 @@ def tokenize_rows(
     for rows, prompt_texts, answer_texts, specials in groups:
         if specials:
             prompt_rows = encode_texts(tokenizer, prompt_texts, True)
-            encoded = zip(prompt_rows, encode_texts(tokenizer, answer_texts, False))
+            gold_rows = encode_texts(tokenizer, answer_texts, False)
         else:  # one call for both columns: one pass over the batch on every core
             both = encode_texts(tokenizer, [*prompt_texts, *answer_texts], False)
-            encoded = zip(both[: len(rows)], both[len(rows) :])
-        for i, (prompt_row, gold_row) in zip(rows, encoded):
+            prompt_rows, gold_rows = both[: len(rows)], both[len(rows) :]
+        for i, prompt_row, gold_row in zip(rows, prompt_rows, gold_rows):
             prompt_ids[i], gold_ids[i] = prompt_row, gold_row
     eos = tokenizer.eos_token_id
     return prompt_ids, [_end_with_eos(ids, eos, tokenizer) for ids in gold_ids]
