@@ -61,3 +61,7 @@ def test_quick_run_reports_identical_ids(capsys):
     assert summary["ids_identical"]
     assert set(summary["speedup"]) == set(tokenize_rows.FORMATS)
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("{")
+    for result in summary["formats"].values():
+        # the batched path did CPU work, and spread over the cores it could not be slower than its wall time
+        assert result["batched_cpu_s"] > 0
+        assert result["speedup_bound"] >= result["speedup"] * 0.9
