@@ -154,6 +154,43 @@ def timed(prepare, dataset: Dataset, outputs: dict, name: str) -> tuple[float, f
     return time.perf_counter() - started, time.process_time() - cpu_started
 
 
+def measure(dataset: Dataset, paths: dict, rounds: int, num_proc: int | None) -> dict:
+    """Both paths on ``dataset`` in turn over ``rounds`` rounds: medians, CPU seconds, the same ids."""
+    seconds = {path: [] for path in paths}
+    cpu_seconds = {path: [] for path in paths}
+    identical = True
+    for _ in range(rounds):
+        outputs = {}
+        for path, prepare in paths.items():
+            wall, cpu = timed(prepare, dataset, outputs, path)
+            seconds[path].append(wall)
+            cpu_seconds[path].append(cpu)
+        for column in (PROMPT_IDS, GOLD_IDS):
+            identical &= outputs["per_row"][column] == outputs["batched"][column]
+    kept = len(outputs["batched"])
+    rates = {path: len(dataset) / statistics.median(values) for path, values in seconds.items()}
+    cpu = {path: statistics.median(values) for path, values in cpu_seconds.items()}
+    return {
+        "rows": len(dataset),
+        "rows_kept": kept,
+        "per_row_rows_per_s": round(rates["per_row"], 1),
+        "batched_rows_per_s": round(rates["batched"], 1),
+        "speedup": round(rates["batched"] / rates["per_row"], 2),
+        "per_row_cpu_s": round(cpu["per_row"], 3),
+        "batched_cpu_s": round(cpu["batched"], 3),
+        # the speed-up if the batched path's CPU work were spread evenly over every core
+        "speedup_bound": None
+        if num_proc
+        else round(statistics.median(seconds["per_row"]) / (cpu["batched"] / CORES), 2),
+        "ids_identical": bool(identical),
+        "mean_tokens_per_row": round(
+            sum(len(p) + len(g) for p, g in zip(outputs["batched"][PROMPT_IDS], outputs["batched"][GOLD_IDS]))
+            / max(1, kept),
+            1,
+        ),
+    }
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="200 rows per format, one round")
@@ -181,10 +218,6 @@ def main(argv=None) -> dict:
     rows = make_rows(settings.rows, tuple(settings.words))
     tokenizer = bpe_tokenizer(rows) if settings.tokenizer == "bpe" else char_tokenizer()
     limits = dict(max_length=settings.max_length, max_prompt_length=settings.max_prompt_length)
-    # the rows as Python objects are the benchmark's, not the code's: the collector leaves them be
-    # (where its full passes over them landed moved the batched rate by a quarter between runs)
-    gc.collect()
-    gc.freeze()
 
     def batched(dataset):
         return prepare_dataset(dataset, tokenizer, **limits, num_proc=settings.num_proc)
@@ -192,45 +225,18 @@ def main(argv=None) -> dict:
     def per_row(dataset):
         return per_row_prepare(dataset, tokenizer, **limits)
 
-    results = {}
-    for name in FORMATS:
-        dataset = Dataset.from_list(rows[name])
-        seconds = {"per_row": [], "batched": []}
-        cpu_seconds = {"per_row": [], "batched": []}
-        identical = True
-        for _ in range(settings.rounds):
-            outputs = {}
-            for path, prepare in (("per_row", per_row), ("batched", batched)):
-                wall, cpu = timed(prepare, dataset, outputs, path)
-                seconds[path].append(wall)
-                cpu_seconds[path].append(cpu)
-            for column in (PROMPT_IDS, GOLD_IDS):
-                identical &= outputs["per_row"][column] == outputs["batched"][column]
-        kept = len(outputs["batched"])
-        rates = {path: len(dataset) / statistics.median(values) for path, values in seconds.items()}
-        cpu = {path: statistics.median(values) for path, values in cpu_seconds.items()}
-        results[name] = {
-            "rows": len(dataset),
-            "rows_kept": kept,
-            "per_row_rows_per_s": round(rates["per_row"], 1),
-            "batched_rows_per_s": round(rates["batched"], 1),
-            "speedup": round(rates["batched"] / rates["per_row"], 2),
-            "per_row_cpu_s": round(cpu["per_row"], 3),
-            "batched_cpu_s": round(cpu["batched"], 3),
-            # the speed-up if the batched path's CPU work were spread evenly over every core
-            "speedup_bound": None
-            if settings.num_proc
-            else round(statistics.median(seconds["per_row"]) / (cpu["batched"] / CORES), 2),
-            "ids_identical": bool(identical),
-            "mean_tokens_per_row": round(
-                sum(
-                    len(p) + len(g)
-                    for p, g in zip(outputs["batched"][PROMPT_IDS], outputs["batched"][GOLD_IDS])
-                )
-                / max(1, kept),
-                1,
-            ),
+    paths = {"per_row": per_row, "batched": batched}
+    # the rows as Python objects are the benchmark's, not the code's: the collector leaves them be
+    # (where its full passes over them landed moved the batched rate by a quarter between runs)
+    gc.collect()
+    gc.freeze()
+    try:
+        results = {
+            name: measure(Dataset.from_list(rows[name]), paths, settings.rounds, settings.num_proc)
+            for name in FORMATS
         }
+    finally:
+        gc.unfreeze()
 
     print(
         f"prepare_dataset: {settings.rows} rows per format, {settings.tokenizer} tokenizer "

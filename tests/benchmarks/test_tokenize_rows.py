@@ -3,6 +3,7 @@ benchmark runs."""
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -65,3 +66,4 @@ def test_quick_run_reports_identical_ids(capsys):
         # the batched path did CPU work, and spread over the cores it could not be slower than its wall time
         assert result["batched_cpu_s"] > 0
         assert result["speedup_bound"] >= result["speedup"] * 0.9
+    assert gc.get_freeze_count() == 0  # the benchmark leaves the collector as it found it
