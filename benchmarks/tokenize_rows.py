@@ -168,8 +168,9 @@ def measure(dataset: Dataset, paths: dict, rounds: int, num_proc: int | None) ->
         for column in (PROMPT_IDS, GOLD_IDS):
             identical &= outputs["per_row"][column] == outputs["batched"][column]
     kept = len(outputs["batched"])
-    rates = {path: len(dataset) / statistics.median(values) for path, values in seconds.items()}
+    wall = {path: statistics.median(values) for path, values in seconds.items()}
     cpu = {path: statistics.median(values) for path, values in cpu_seconds.items()}
+    rates = {path: len(dataset) / wall[path] for path in paths}
     return {
         "rows": len(dataset),
         "rows_kept": kept,
@@ -179,9 +180,7 @@ def measure(dataset: Dataset, paths: dict, rounds: int, num_proc: int | None) ->
         "per_row_cpu_s": round(cpu["per_row"], 3),
         "batched_cpu_s": round(cpu["batched"], 3),
         # the speed-up if the batched path's CPU work were spread evenly over every core
-        "speedup_bound": None
-        if num_proc
-        else round(statistics.median(seconds["per_row"]) / (cpu["batched"] / CORES), 2),
+        "speedup_bound": None if num_proc else round(wall["per_row"] / (cpu["batched"] / CORES), 2),
         "ids_identical": bool(identical),
         "mean_tokens_per_row": round(
             sum(len(p) + len(g) for p, g in zip(outputs["batched"][PROMPT_IDS], outputs["batched"][GOLD_IDS]))
