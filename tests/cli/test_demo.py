@@ -62,6 +62,20 @@ def test_demo_prints_the_table(demo_run, capsys):
     assert len(table) == 1 + 4 + 1 + len(json.loads((output / "results.json").read_text())["settings"])
 
 
+def test_the_settings_table_keeps_every_value(demo_run):
+    _, output = demo_run
+    settings = json.loads((output / "results.json").read_text())["settings"]
+    lines = (output / "report.md").read_text().split("## Settings")[1].strip().splitlines()[2:]
+    shown = {name.strip(): value.strip() for _, name, value, _ in (line.split("|") for line in lines)}
+    assert shown.keys() == settings.keys()
+    assert shown["dpo_learning_rate"] == "3e-05"  # three decimals printed it as 0.000
+    for name, value in settings.items():
+        if isinstance(value, float):
+            assert float(shown[name]) == value, name
+        else:
+            assert shown[name] == str(value), name
+
+
 def test_non_empty_output_dir_is_not_overwritten(demo_run, capfd):
     _, output = demo_run
     before = {path: path.stat().st_mtime_ns for path in output.rglob("*")}

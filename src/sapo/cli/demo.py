@@ -33,7 +33,7 @@ from sapo.builtin.settings import tiny_run_args
 from sapo.builtin.tasks import MAX_LENGTH, MAX_PROMPT_LENGTH, get_task
 from sapo.cli.arguments import ArgumentParser, DataArguments, ModelArguments
 from sapo.cli.loading import load_model, load_rows, load_tokenizer
-from sapo.cli.report import markdown_table, plot_curves, results_table
+from sapo.cli.report import plot_curves, results_table, settings_table
 from sapo.data import GOLD_IDS, PROMPT_IDS, prepare_dataset
 from sapo.evaluation import evaluate
 from sapo.policy import eos_token_ids
@@ -288,7 +288,7 @@ def _trainer(method: str, config, model, tokenizer, train, train_ids, curve):
 def _report(
     args: DemoArguments, table: str, start_accuracy: float, rows: int, parameters: int, minutes: float
 ) -> str:
-    settings = markdown_table(["setting", "value"], [[name, value] for name, value in asdict(args).items()])
+    settings = settings_table(asdict(args))
     noise = 2 * math.sqrt(start_accuracy * (1 - start_accuracy) / rows)
     return f"""# sapo demo: SFT vs SAPO-DPO vs SAPO-ORPO on builtin:{args.task}
 

@@ -13,9 +13,16 @@ METRIC_LABELS = {
 
 
 def format_value(value: object) -> str:
+    """A result to three decimals (scores and margins are compared at that precision)."""
     if isinstance(value, float):
         return f"{value:.3f}"
     return str(value)
+
+
+def format_setting(value: object) -> str:
+    """A setting exactly as given: Python's shortest form that reads back to the same number
+    (``3e-05``, ``0.0005``, ``0.5``), since three decimals would print a learning rate as 0.000."""
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -28,6 +35,12 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
 
     rule = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
     return "\n".join([line(cells[0]), rule, *(line(row) for row in cells[1:])])
+
+
+def settings_table(settings: Mapping[str, object]) -> str:
+    """A two-column table of settings, each value exact (:func:`format_setting`)."""
+    rows = [[name, format_setting(value)] for name, value in settings.items()]
+    return markdown_table(["setting", "value"], rows)
 
 
 def results_table(
