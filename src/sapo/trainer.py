@@ -42,6 +42,7 @@ from sapo.copies.teardown import release_process_group
 from sapo.data import GOLD_IDS, PROMPT_IDS, collate_rows, prepare_dataset
 from sapo.evaluation.during_training import held_out_metrics, tokenized_rows, training_callbacks
 from sapo.generation import SegmentGenerator, self_augmented_pairs
+from sapo.hub import write_model_card
 from sapo.objective import distinct_pairs, preference_objective
 from sapo.policy import (
     check_master_precision,
@@ -360,6 +361,18 @@ class SAPOTrainer(Trainer):
             super()._save(output_dir, state_dict)
         finally:
             del policy.save_pretrained  # back to the class's method
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the model with its model card, ``README.md`` (checkpoints too: sealed with it)."""
+        super().save_model(output_dir, _internal_call)
+        self.create_model_card(output_dir=output_dir)
+
+    def create_model_card(self, output_dir: str | None = None, **names) -> None:
+        """Write SAPO's model card (:mod:`sapo.hub`) into ``output_dir``, by default the folder
+        ``push_to_hub`` uploads; ``names``: ``model_name``, ``dataset_name``, ``base_model``, ``tags``."""
+        if self.args.should_save:
+            in_force = {} if self.reference is None else {"ref_model_sync_steps": self.ref_model_sync_steps}
+            write_model_card(output_dir or self.args.output_dir, self, settings_in_force=in_force, **names)
 
     def _get_output_dir(self, trial) -> str:
         # while a checkpoint is written, Trainer writes it into the staging folder (_save_checkpoint)

@@ -23,6 +23,7 @@ from sapo.config import SHARED_FIELDS_DOC, PreferenceConfig
 from sapo.copies.whole import CopiedReference
 from sapo.data import GOLD_IDS, PROMPT_IDS, prepare_dataset
 from sapo.generation import SegmentGenerator
+from sapo.hub import SPIN, write_model_card
 from sapo.objective import preference_objective
 from sapo.policy import eos_token_ids, prepare_policy
 from sapo.scoring import pair_scorer, reference_logps
@@ -133,8 +134,11 @@ class PairTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def run_spin(model, args: SPINConfig, train_dataset: Dataset, processing_class=None):
+def run_spin(model, args: SPINConfig, train_dataset: Dataset, processing_class=None, card_names=None):
     """Run ``args.spin_iterations`` SPIN iterations; returns the final model and each iteration's log.
+
+    Each iteration's model is saved under ``output_dir/iteration-k`` with its model card
+    (:mod:`sapo.hub`; ``card_names``: ``base_model``, ``dataset_name`` as the caller named them).
 
     Each iteration's log is Trainer's ``log_history`` after one first entry that records the cost
     of that iteration's generation (``spin/generated_tokens``, ``spin/generation_seconds``) and the
@@ -163,6 +167,9 @@ def run_spin(model, args: SPINConfig, train_dataset: Dataset, processing_class=N
         trainer = PairTrainer(model, iteration_args, pairs, reference, tokenizer, version=iteration)
         trainer.train()
         trainer.save_model()
+        if trainer.args.should_save:
+            note = f"This is iteration {iteration + 1} of {args.spin_iterations}."
+            write_model_card(trainer.args.output_dir, trainer, method=SPIN, note=note, **(card_names or {}))
         histories.append([generation, *trainer.state.log_history])
         model = trainer.accelerator.unwrap_model(trainer.model)
     return model, histories

@@ -36,7 +36,9 @@ def prepare_train(argv: Sequence[str]) -> Callable[[], int]:
         )
     eval_rows = load_eval_rows(eval_data_args, data_args, tokenizer, config)
     model = load_model(model_args, tokenizer, seed=config.seed)
-    return _training_job(SAPOTrainer, model, config, rows, tokenizer, lora_config(model_args), eval_rows)
+    names = {"base_model": model_args.model_name_or_path, "dataset_name": data_args.dataset_name}
+    peft_config = lora_config(model_args)
+    return _training_job(SAPOTrainer, model, config, rows, tokenizer, peft_config, eval_rows, names)
 
 
 def train_arguments() -> tuple[type, ...]:
@@ -82,7 +84,8 @@ def prepare_spin(argv: Sequence[str]) -> Callable[[], None]:
     model = load_model(model_args, tokenizer, seed=config.seed)
 
     def run() -> None:
-        run_spin(model, config, rows, processing_class=tokenizer)
+        names = {"base_model": model_args.model_name_or_path, "dataset_name": data_args.dataset_name}
+        run_spin(model, config, rows, processing_class=tokenizer, card_names=names)
         print(f"saved each iteration's model under {config.output_dir}/iteration-*")
 
     return run
@@ -116,9 +119,10 @@ def _naming(dataset_name: str) -> Iterator[None]:
 
 
 def _training_job(
-    trainer_class, model, config, rows, tokenizer, peft_config, eval_rows=None
+    trainer_class, model, config, rows, tokenizer, peft_config, eval_rows=None, card_names=None
 ) -> Callable[[], int]:
-    """Build the trainer now (so its errors count as bad input), train and save when run.
+    """Build the trainer now (so its errors count as bad input), train and save when run;
+    ``card_names`` (the model and data as the command named them) go into the model card.
 
     SIGTERM or SIGINT during training writes a checkpoint after the current step and ends the run
     with 143 or 130 instead of saving the model (:mod:`sapo.checkpoints.preemption`)."""
@@ -136,6 +140,9 @@ def _training_job(
             if stop.stopped_at is None:
                 with writing("the model", config.output_dir):
                     trainer.save_model(config.output_dir)
+                    if card_names is not None:  # a push goes again with the names, as TRL's scripts do
+                        write_card = trainer.push_to_hub if config.push_to_hub else trainer.create_model_card
+                        write_card(**card_names)
         if stop.stopped_at is not None:
             print(stop.describe(config.output_dir), file=sys.stderr)
             return stop.exit_code
