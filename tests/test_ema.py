@@ -1,4 +1,4 @@
-"""Tests for ``sapo.ema.EMAModel`` (SPEC §1 step 4).
+"""Tests for the whole-copy EMA, ``sapo.copies.whole.EMAModel``: the float32 average and its update rule.
 
 ``ema = ema_decay * ema + (1 - ema_decay) * policy`` (decay weights the OLD average), kept in fp32
 even when the policy trains in bf16; at step 0 the EMA is a copy of the initial policy.
@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from sapo.builtin.tiny import char_tokenizer, tiny_llama
-from sapo.ema import EMAModel
+from sapo.copies.weights import copy_weights
+from sapo.copies.whole import EMAModel
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_shadow_is_float32_for_a_bf16_policy(tok):
     policy = tiny_llama(tok, seed=0).to(torch.bfloat16)
     ema = EMAModel(policy, decay=0.5)
     assert all(p.dtype == torch.float32 for p in ema.model.parameters())
-    assert all(v.dtype == torch.float32 for v in ema.state_dict().values() if v.is_floating_point())
+    assert all(v.dtype == torch.float32 for v in ema.model.state_dict().values() if v.is_floating_point())
     # The policy itself is left as it was (bf16), and keeps its own storage.
     assert all(p.dtype == torch.bfloat16 for p in policy.parameters())
     policy_ptrs = {p.data_ptr() for p in policy.parameters()}
@@ -128,14 +129,14 @@ def test_decay_inside_unit_interval_is_accepted(decay):
 
 
 @pytest.mark.parametrize("target_dtype", [torch.float32, torch.bfloat16])
-def test_copy_to_writes_the_average_cast_to_the_target_dtype(tok, target_dtype):
+def test_copying_the_average_casts_it_to_the_target_dtype(tok, target_dtype):
     policy = tiny_llama(tok, seed=0)
     ema = EMAModel(policy, decay=0.5)
     perturb(policy, seed=3)
     ema.update(policy)  # the average now differs from both the initial and the current policy
 
     target = tiny_llama(tok, seed=1).to(target_dtype)
-    ema.copy_to(target)
+    copy_weights(ema.tensors(), dict(target.named_parameters()))  # what a reference sync does
 
     shadow = dict(ema.model.named_parameters())
     for name, p in target.named_parameters():
@@ -149,10 +150,10 @@ def test_copy_to_writes_the_average_cast_to_the_target_dtype(tok, target_dtype):
     assert not torch.equal(shadow[name].to(target_dtype), dict(target.named_parameters())[name])
 
 
-def test_copy_to_a_model_with_different_parameters_raises():
+def test_copying_the_average_to_a_model_with_different_parameters_raises():
     ema = EMAModel(nn.Linear(2, 2), decay=0.5)
     with pytest.raises(ValueError):
-        ema.copy_to(nn.Sequential(nn.Linear(2, 2)))
+        copy_weights(ema.tensors(), dict(nn.Sequential(nn.Linear(2, 2)).named_parameters()))
 
 
 def test_fp32_shadow_keeps_moving_where_bf16_would_stall():
@@ -193,7 +194,7 @@ def test_device_argument_places_the_shadow(tok):
 
 
 def test_copy_weights_refuses_a_tensor_of_another_shape():
-    from sapo.ema import copy_weights
+    from sapo.copies.weights import copy_weights
 
     target = {"w": torch.zeros(2, 3)}
     with pytest.raises(ValueError, match=r"w: a tensor of shape \(3,\), expected \(2, 3\)"):

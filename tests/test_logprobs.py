@@ -15,6 +15,7 @@ from sapo.builtin.tiny import char_tokenizer, tiny_llama
 from sapo.logprobs import PLAIN_HEAD_MODELS, chunkable_head, token_logps
 from sapo.losses import dpo_loss
 from sapo.packing import pack_pairs, packed_completion_logps
+from sapo.pairs import Pair
 from sapo.scoring import collate_pairs, completion_logps
 from sapo.segments import splice
 
@@ -24,11 +25,11 @@ LAYOUTS = {"packed": (pack_pairs, packed_completion_logps), "padded": (collate_p
 
 
 def pair(prompt, gold, cut, segment):
-    return {
-        "prompt_ids": prompt,
-        "chosen_ids": gold,
-        "rejected_ids": splice(gold, cut, segment, len(segment), EOS),
-    }
+    return Pair(
+        prompt,
+        gold,
+        splice(gold, cut, segment, len(segment), EOS),
+    )
 
 
 # prompts of different lengths, cut 0, a segment ending in EOS, rejected == chosen, a long gold
@@ -147,7 +148,7 @@ def test_chunks_under_bfloat16_autocast_follow_the_models_head():
 
 def test_an_empty_batch_of_positions_still_backpropagates():
     model = tiny_llama(TOKENIZER, seed=3)
-    same = [{"prompt_ids": [7, 8], "chosen_ids": [20, 21, EOS], "rejected_ids": [20, 21, EOS]}]
+    same = [Pair([7, 8], [20, 21, EOS], [20, 21, EOS])]
     logps, lengths = scored(model, "packed", 4, pairs=same, score_shared_prefix=False)
     assert logps.tolist() == [0.0, 0.0] and lengths.tolist() == [0.0, 0.0]
     logps.sum().backward()  # connected to the model, with zero gradients
@@ -217,13 +218,13 @@ def test_leaving_out_the_shared_prefix_keeps_the_dpo_loss_and_gradients(layout):
     # each side counts its tokens past the shared prefix: the answer length less the shared part
     for index, item in enumerate(PAIRS):
         shared = 0
-        while shared < min(len(item["chosen_ids"]), len(item["rejected_ids"])):
-            if item["chosen_ids"][shared] != item["rejected_ids"][shared]:
+        while shared < min(len(item.chosen_ids), len(item.rejected_ids)):
+            if item.chosen_ids[shared] != item.rejected_ids[shared]:
                 break
             shared += 1
-        skipped = max(shared, 1 - len(item["prompt_ids"]))
-        assert tail_lengths[index] == len(item["chosen_ids"]) - skipped
-        assert tail_lengths[len(PAIRS) + index] == len(item["rejected_ids"]) - skipped
+        skipped = max(shared, 1 - len(item.prompt_ids))
+        assert tail_lengths[index] == len(item.chosen_ids) - skipped
+        assert tail_lengths[len(PAIRS) + index] == len(item.rejected_ids) - skipped
     assert (tail_lengths < full_lengths).any()
     expected_loss, expected_grads = dpo_gradients(model, layout, None)
     loss, grads = dpo_gradients(model, layout, 4, score_shared_prefix=False)

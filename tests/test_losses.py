@@ -10,6 +10,7 @@ from datasets import Dataset
 
 from sapo.builtin.tiny import tiny_llama
 from sapo.losses import AVERAGE_LOGP_CEILING, dpo_loss, log1mexp, orpo_loss
+from sapo.pairs import Pair
 from sapo.scoring import collate_pairs, completion_logps
 
 
@@ -314,7 +315,7 @@ def _pairs_from_trl_batch(batch):
         prompt, chosen = split(i)
         prompt_again, rejected = split(b + i)
         assert prompt == prompt_again  # the same pair's two halves share the prompt
-        pairs.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
+        pairs.append(Pair(prompt, chosen, rejected))
     return pairs
 
 

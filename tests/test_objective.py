@@ -11,9 +11,10 @@ from test_trainer import make_args
 import sapo.trainer
 from sapo import SAPOTrainer
 from sapo.builtin.tiny import char_tokenizer, tiny_llama
-from sapo.objective import as_drawn, distinct_pairs, preference_objective
+from sapo.objective import as_drawn, drawn_batch, preference_objective
 from sapo.packing import pack_pairs, packed_completion_logps
-from sapo.scoring import collate_pairs, completion_logps
+from sapo.pairs import Pair
+from sapo.scoring import PairScorer, collate_pairs, completion_logps
 from sapo.segments import splice
 
 TOKENIZER = char_tokenizer()
@@ -26,7 +27,7 @@ SCORING = {
 
 def pair(prompt, gold, cut, segment):
     rejected = splice(gold, cut, segment, len(segment), EOS)
-    return {"prompt_ids": prompt, "chosen_ids": gold, "rejected_ids": rejected}
+    return Pair(prompt, gold, rejected)
 
 
 PAIRS = [
@@ -34,12 +35,19 @@ PAIRS = [
     pair([7], [40, 41, 42, 43, 44, 45, EOS], 0, [50, 51, 52]),
     pair([9, 8, 7, 6, 5, 11], [60, 61, EOS], 1, [62, EOS]),
 ]
-DRAWS = [PAIRS[1], PAIRS[0], PAIRS[1], PAIRS[2], PAIRS[1], PAIRS[0]]
+POSITIONS = [1, 0, 1, 2, 1, 0]  # where the drawn pairs sit in the buffer
+DRAWS = [PAIRS[position] for position in POSITIONS]
 
 
-def test_distinct_pairs_by_identity_in_first_draw_order():
-    twin = dict(PAIRS[0])  # equal contents, another pair
-    distinct, index = distinct_pairs([*DRAWS, twin])
+def distinct_pairs(draws, positions=POSITIONS):
+    scorer = PairScorer(collate=lambda pairs: {}, score=None, packed=False)
+    distinct, batch = drawn_batch(draws, positions, scorer)
+    return distinct, batch["drawn_index"]
+
+
+def test_distinct_pairs_by_buffer_position_in_first_draw_order():
+    twin = copy.deepcopy(PAIRS[0])  # equal contents, another entry of the buffer
+    distinct, index = distinct_pairs([*DRAWS, twin], [*POSITIONS, 3])
     assert distinct == [PAIRS[1], PAIRS[0], PAIRS[2], twin]
     assert distinct[3] is twin
     assert index.tolist() == [0, 1, 0, 2, 0, 1, 3]
@@ -97,9 +105,8 @@ def test_trainer_steps_equal_scoring_every_draw(
         trainer = SAPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
         rows = []  # rows of each scored batch
         if every_draw:
-            monkeypatch.setattr(
-                sapo.trainer, "distinct_pairs", lambda pairs: (list(pairs), torch.arange(len(pairs)))
-            )
+            every = lambda drawn, positions, scorer: drawn_batch(drawn, range(len(drawn)), scorer)  # noqa: E731
+            monkeypatch.setattr(sapo.trainer, "drawn_batch", every)
         scored = trainer.scorer.collate
         counted = lambda pairs: rows.append(len(pairs)) or scored(pairs)  # noqa: E731
         trainer.scorer = dataclasses.replace(trainer.scorer, collate=counted)

@@ -19,6 +19,7 @@ from sapo.packing import (
     packed_completion_logps,
     supports_packing,
 )
+from sapo.pairs import Pair
 from sapo.scoring import collate_pairs, completion_logps
 from sapo.segments import splice
 
@@ -39,11 +40,11 @@ def packed(model, pairs):
 
 
 def sapo_pair(prompt, gold, cut, segment, segment_length):
-    return {
-        "prompt_ids": prompt,
-        "chosen_ids": gold,
-        "rejected_ids": splice(gold, cut, segment, segment_length, EOS),
-    }
+    return Pair(
+        prompt,
+        gold,
+        splice(gold, cut, segment, segment_length, EOS),
+    )
 
 
 # one batch with every case the trainer meets: different prompt lengths, cut 0, a segment that
@@ -68,9 +69,9 @@ def test_common_prefix_length():
 def test_pack_pairs_layout():
     # prompt [1, 2], gold [3, 4, 5], rejected [3, 6]: shared prefix [1, 2, 3], tails [4, 5] and [6]
     pairs = [
-        {"prompt_ids": [1, 2], "chosen_ids": [3, 4, 5], "rejected_ids": [3, 6]},
-        {"prompt_ids": [1], "chosen_ids": [8], "rejected_ids": [9]},
-        {"prompt_ids": [], "chosen_ids": [8, 9], "rejected_ids": [7]},  # nothing shared
+        Pair([1, 2], [3, 4, 5], [3, 6]),
+        Pair([1], [8], [9]),
+        Pair([], [8, 9], [7]),  # nothing shared
     ]
     batch = pack_pairs(pairs, pad_token_id=PAD)
     assert batch["input_ids"].tolist() == [
@@ -199,7 +200,7 @@ def test_attention_without_4d_masks_is_refused():
 
 # prompts of at least 3 tokens: every row's first scored position is 2 or later, so the packed
 # forward asks the model for logits of the last positions only
-LONG_PROMPTS = [pair for pair in CASES if len(pair["prompt_ids"]) >= 3]
+LONG_PROMPTS = [pair for pair in CASES if len(pair.prompt_ids) >= 3]
 
 
 def test_prompt_positions_get_no_logits():
@@ -243,7 +244,7 @@ def test_prompt_skipping_gradients_equal_separate_gradients():
 
 def test_nothing_to_score_keeps_one_position():
     # an empty prompt and one-token answers: no token has a prediction before it
-    batch = pack_pairs([{"prompt_ids": [], "chosen_ids": [8], "rejected_ids": [9]}], PAD)
+    batch = pack_pairs([Pair([], [8], [9])], PAD)
     assert batch["targets"].shape[1] == 1
     with torch.no_grad():
         logps, lengths = packed_completion_logps(UNTIED, batch)

@@ -8,8 +8,8 @@ import json
 import sapo.evaluation.margins
 from sapo.builtin.tiny import char_tokenizer, tiny_llama
 from sapo.cli import main
-from sapo.generation import SegmentGenerator
 from sapo.policy import eos_token_ids
+from sapo.sampling import Sampler
 
 TURN_END = "<|eot_id|>"
 
@@ -46,25 +46,24 @@ def test_a_segment_stops_at_the_turn_end_token():
     model, tokenizer, turn_end = llama3_style()
     # the model can only say the turn-end token: a segment must stop after it
     only_say(model, turn_end)
-    sampler = SegmentGenerator(tokenizer.pad_token_id, eos_token_ids(model, tokenizer), seed=0)
+    sampler = Sampler(tokenizer.pad_token_id, eos_token_ids(model, tokenizer), seed=0)
     segments = sampler.generate(model, [[10, 11, 12], [13, 14]], [5, 5])
     assert segments == [[turn_end], [turn_end]]
     # with the tokenizer's EOS alone the same call would run to its limit
-    alone = SegmentGenerator(tokenizer.pad_token_id, [tokenizer.eos_token_id], seed=0)
+    alone = Sampler(tokenizer.pad_token_id, [tokenizer.eos_token_id], seed=0)
     assert alone.generate(model, [[10, 11, 12]], [5]) == [[turn_end] * 5]
 
 
 def test_sapo_eval_ends_answers_where_training_does(tmp_path, monkeypatch):
     model, tokenizer, turn_end = llama3_style(tmp_path / "model")
     seen = []
-    real = sapo.evaluation.margins.SegmentGenerator
 
-    def recording(*args, **kwargs):
-        generator = real(*args, **kwargs)
-        seen.append(list(generator.eos_token_ids))
-        return generator
+    class Recording(sapo.evaluation.margins.Sampler):
+        def __post_init__(self):
+            super().__post_init__()
+            seen.append(list(self.eos_token_ids))
 
-    monkeypatch.setattr(sapo.evaluation.margins, "SegmentGenerator", recording)
+    monkeypatch.setattr(sapo.evaluation.margins, "Sampler", Recording)
     output = tmp_path / "eval.json"
     status = main(
         ["eval", "--model_name_or_path", str(tmp_path / "model"), "--dataset_name", "builtin:multiplication",

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sapo.builtin.tiny import tiny_llama
+from sapo.pairs import Pair
 from sapo.scoring import collate_pairs, completion_logps
 
 PAD = 0
@@ -17,8 +18,8 @@ def approx(value):
 
 def test_collate_pairs_layout_and_masks():
     pairs = [
-        {"prompt_ids": [11, 12, 13], "chosen_ids": [21, 22], "rejected_ids": [31]},
-        {"prompt_ids": [14], "chosen_ids": [23], "rejected_ids": [32, 33, 34, 35]},
+        Pair([11, 12, 13], [21, 22], [31]),
+        Pair([14], [23], [32, 33, 34, 35]),
     ]
     batch = collate_pairs(pairs, pad_token_id=PAD)
     assert set(batch) == {"input_ids", "attention_mask", "completion_mask", "scored_positions"}
@@ -48,15 +49,15 @@ def test_collate_pairs_random_shapes_and_masks():
     for _ in range(20):
         b = rng.randint(1, 5)
         pairs = [
-            {
-                "prompt_ids": [rng.randint(1, 50) for _ in range(rng.randint(1, 8))],
-                "chosen_ids": [rng.randint(1, 50) for _ in range(rng.randint(1, 8))],
-                "rejected_ids": [rng.randint(1, 50) for _ in range(rng.randint(1, 8))],
-            }
+            Pair(
+                [rng.randint(1, 50) for _ in range(rng.randint(1, 8))],
+                [rng.randint(1, 50) for _ in range(rng.randint(1, 8))],
+                [rng.randint(1, 50) for _ in range(rng.randint(1, 8))],
+            )
             for _ in range(b)
         ]
         batch = collate_pairs(pairs, pad_token_id=pad)
-        width = max(len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs)
+        width = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
         for key in ("input_ids", "attention_mask", "completion_mask"):
             assert batch[key].shape == (2 * b, width), key
         # the scored positions are those predicting a completion token
@@ -65,9 +66,9 @@ def test_collate_pairs_random_shapes_and_masks():
         assert batch["scored_positions"].tolist() == predicts_response.flatten().nonzero().flatten().tolist()
         for row in range(2 * b):
             pair = pairs[row % b]
-            response = pair["chosen_ids"] if row < b else pair["rejected_ids"]
-            n_prompt, n = len(pair["prompt_ids"]), len(pair["prompt_ids"]) + len(response)
-            assert batch["input_ids"][row, :n].tolist() == pair["prompt_ids"] + response
+            response = pair.chosen_ids if row < b else pair.rejected_ids
+            n_prompt, n = len(pair.prompt_ids), len(pair.prompt_ids) + len(response)
+            assert batch["input_ids"][row, :n].tolist() == pair.prompt_ids + response
             assert batch["input_ids"][row, n:].tolist() == [pad] * (width - n)  # right padding
             assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (width - n)
             # prompt and padding are out of the completion mask
@@ -92,11 +93,11 @@ def _random_pairs(tokenizer, n, seed):
     rng = random.Random(seed)
     vocab = len(tokenizer)
     return [
-        {
-            "prompt_ids": [rng.randrange(vocab) for _ in range(rng.randint(1, 12))],
-            "chosen_ids": [rng.randrange(vocab) for _ in range(rng.randint(1, 10))],
-            "rejected_ids": [rng.randrange(vocab) for _ in range(rng.randint(1, 10))],
-        }
+        Pair(
+            [rng.randrange(vocab) for _ in range(rng.randint(1, 12))],
+            [rng.randrange(vocab) for _ in range(rng.randint(1, 10))],
+            [rng.randrange(vocab) for _ in range(rng.randint(1, 10))],
+        )
         for _ in range(n)
     ]
 
@@ -105,7 +106,7 @@ def test_completion_logps_matches_naive_loop(tokenizer, tiny_model):
     model = tiny_model.eval()
     pairs = _random_pairs(tokenizer, 5, seed=1)
     # make the lengths differ a lot so padding is heavy on some rows
-    pairs[0]["chosen_ids"] = pairs[0]["chosen_ids"] * 3
+    pairs[0].chosen_ids = pairs[0].chosen_ids * 3
     batch = collate_pairs(pairs, pad_token_id=tokenizer.pad_token_id)
     with torch.no_grad():
         logps, lengths = completion_logps(model, batch)
@@ -113,8 +114,8 @@ def test_completion_logps_matches_naive_loop(tokenizer, tiny_model):
     expected, expected_lengths = [], []
     for side in ("chosen_ids", "rejected_ids"):
         for pair in pairs:
-            expected.append(_naive_logps(model, pair["prompt_ids"], pair[side]))
-            expected_lengths.append(len(pair[side]))
+            expected.append(_naive_logps(model, pair.prompt_ids, getattr(pair, side)))
+            expected_lengths.append(len(getattr(pair, side)))
     torch.testing.assert_close(
         logps.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5
     )
@@ -141,7 +142,7 @@ def test_completion_logps_excludes_prompt_tokens(tokenizer, tiny_model):
     # only response tokens are scored: the rejected row (one token longer) scores exactly one more
     model = tiny_model.eval()
     response = [20, 21, 22]
-    pairs = [{"prompt_ids": [10, 11], "chosen_ids": response, "rejected_ids": response + [23]}]
+    pairs = [Pair([10, 11], response, response + [23])]
     batch = collate_pairs(pairs, pad_token_id=tokenizer.pad_token_id)
     with torch.no_grad():
         logps, lengths = completion_logps(model, batch)

@@ -1,6 +1,6 @@
-"""Tests for ``sapo.segments``: the segment window, the cut point and the rejected-answer splice.
+"""Tests for ``sapo.segments``: the replaced span, the cut point and the rejected-answer splice.
 
-SPEC §1 step 1: ``L = min(segment_length, len(g))``; ``c`` uniform in ``[0, len(g) - L]``, capped so
+Step 1 of SAPO's loop: ``L = min(segment_length, len(g))``; ``c`` uniform in ``[0, len(g) - L]``, capped so
 that ``len(p) + c + L <= max_length``; ``r = g[:c] + s + g[c+L:]``, or ``g[:c] + s[:first_eos+1]``
 when the segment contains EOS.
 """
@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sapo.segments import sample_cut, segment_window, splice
+from sapo.segments import replaced_span, sample_cut, splice
 
 SETTINGS = settings(max_examples=200, deadline=None)
 
@@ -32,16 +32,16 @@ def eos_spec(draw):
 
 @st.composite
 def gold_and_cut(draw):
-    """A gold answer, a segment_length, its window L and a valid cut in [0, len(gold) - L]."""
+    """A gold answer, a segment_length, its replaced span L and a valid cut in [0, len(gold) - L]."""
     gold = draw(st.lists(TOKENS, min_size=1, max_size=40))
     segment_length = draw(st.integers(min_value=1, max_value=50))
-    window = min(segment_length, len(gold))
-    cut = draw(st.integers(min_value=0, max_value=len(gold) - window))
-    return gold, segment_length, window, cut
+    span = min(segment_length, len(gold))
+    cut = draw(st.integers(min_value=0, max_value=len(gold) - span))
+    return gold, segment_length, span, cut
 
 
 # --------------------------------------------------------------------------------------------------
-# segment_window
+# replaced_span
 
 
 @SETTINGS
@@ -49,14 +49,14 @@ def gold_and_cut(draw):
     gold_length=st.integers(min_value=0, max_value=500),
     segment_length=st.integers(min_value=1, max_value=500),
 )
-def test_segment_window_is_min_of_segment_length_and_gold_length(gold_length, segment_length):
-    assert segment_window(gold_length, segment_length) == min(segment_length, gold_length)
+def test_replaced_span_is_min_of_segment_length_and_gold_length(gold_length, segment_length):
+    assert replaced_span(gold_length, segment_length) == min(segment_length, gold_length)
 
 
 @pytest.mark.parametrize("segment_length", [0, -1, -256])
-def test_segment_window_rejects_non_positive_segment_length(segment_length):
+def test_replaced_span_rejects_non_positive_segment_length(segment_length):
     with pytest.raises(ValueError):
-        segment_window(10, segment_length)
+        replaced_span(10, segment_length)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -65,34 +65,34 @@ def test_segment_window_rejects_non_positive_segment_length(segment_length):
 
 @SETTINGS
 @given(data=gold_and_cut(), eos=eos_spec(), st_data=st.data())
-def test_splice_without_eos_replaces_exactly_the_window(data, eos, st_data):
-    gold, segment_length, window, cut = data
+def test_splice_without_eos_replaces_exactly_the_span(data, eos, st_data):
+    gold, segment_length, span, cut = data
     eos_token_id, _ = eos
-    # The EMA samples *up to* L tokens; a segment may be shorter than the window.
-    segment = st_data.draw(st.lists(TOKENS, min_size=0, max_size=window))
+    # The EMA samples *up to* L tokens; a segment may be shorter than the span.
+    segment = st_data.draw(st.lists(TOKENS, min_size=0, max_size=span))
 
     rejected = splice(gold, cut, segment, segment_length, eos_token_id)
 
     assert isinstance(rejected, list)
     assert rejected[:cut] == gold[:cut]
-    assert len(rejected) == len(gold) - window + len(segment)
+    assert len(rejected) == len(gold) - span + len(segment)
     assert rejected[cut : cut + len(segment)] == segment
-    assert rejected[cut + len(segment) :] == gold[cut + window :]
+    assert rejected[cut + len(segment) :] == gold[cut + span :]
 
 
 @SETTINGS
 @given(data=gold_and_cut(), eos=eos_spec(), st_data=st.data())
 def test_splice_with_eos_ends_at_first_eos_and_drops_gold_tail(data, eos, st_data):
-    gold, segment_length, window, cut = data
+    gold, segment_length, span, cut = data
     eos_token_id, eos_set = eos
     # A segment with at least one EOS in it; tokens after the first EOS may be anything (more EOS too).
-    before = st_data.draw(st.lists(TOKENS, min_size=0, max_size=max(window - 1, 0)))
+    before = st_data.draw(st.lists(TOKENS, min_size=0, max_size=max(span - 1, 0)))
     first_eos = st_data.draw(st.sampled_from(sorted(eos_set)))
     after = st_data.draw(
         st.lists(
             st.one_of(TOKENS, st.sampled_from(EOS_CHOICES)),
             min_size=0,
-            max_size=max(window - 1 - len(before), 0),
+            max_size=max(span - 1 - len(before), 0),
         )
     )
     segment = before + [first_eos] + after
@@ -111,7 +111,7 @@ def test_splice_worked_example_without_eos():
     gold = [1, 2, 3, 4, 5, 6, 7, 99]
     # L = 3, cut 2: replace gold[2:5] == [3, 4, 5]
     assert splice(gold, 2, [40, 41, 42], 3, 99) == [1, 2, 40, 41, 42, 6, 7, 99]
-    # A short segment keeps the gold tail after the whole window.
+    # A short segment keeps the gold tail after the whole span.
     assert splice(gold, 2, [40], 3, 99) == [1, 2, 40, 6, 7, 99]
 
 
@@ -154,8 +154,8 @@ def test_splice_does_not_mutate_inputs():
     below=st.booleans(),
 )
 def test_splice_out_of_range_cut_raises(gold, segment_length, offset, below):
-    window = min(segment_length, len(gold))
-    cut = -offset if below else len(gold) - window + offset
+    span = min(segment_length, len(gold))
+    cut = -offset if below else len(gold) - span + offset
     with pytest.raises(ValueError):
         splice(gold, cut, [1], segment_length, 99)
 
@@ -182,13 +182,13 @@ def test_sample_cut_in_range_and_within_length_budget(
     prompt_length, gold_length, segment_length, max_length, seed
 ):
     generator = torch.Generator().manual_seed(seed)
-    cut, window = sample_cut(prompt_length, gold_length, segment_length, max_length, generator)
-    assert isinstance(cut, int) and isinstance(window, int)
-    assert window == min(segment_length, gold_length)
-    assert 0 <= cut <= gold_length - window
-    if max_length is not None and prompt_length + window <= max_length:
+    cut, span = sample_cut(prompt_length, gold_length, segment_length, max_length, generator)
+    assert isinstance(cut, int) and isinstance(span, int)
+    assert span == min(segment_length, gold_length)
+    assert 0 <= cut <= gold_length - span
+    if max_length is not None and prompt_length + span <= max_length:
         # Feasible: some cut fits the budget, so the drawn one must.
-        assert prompt_length + cut + window <= max_length
+        assert prompt_length + cut + span <= max_length
 
 
 @SETTINGS
@@ -203,11 +203,11 @@ def test_sample_cut_gold_not_longer_than_segment_length_gives_cut_zero(
     prompt_length, gold_length, extra, max_length, seed
 ):
     segment_length = gold_length + extra
-    cut, window = sample_cut(
+    cut, span = sample_cut(
         prompt_length, gold_length, segment_length, max_length, torch.Generator().manual_seed(seed)
     )
     assert cut == 0
-    assert window == gold_length
+    assert span == gold_length
 
 
 def _chi_square(counts: list[int], n: int) -> float:

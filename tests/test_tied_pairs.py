@@ -33,6 +33,6 @@ def test_ties_are_logged_and_kept_out_of_the_buffer_when_asked(tmp_path, tokeniz
         entry["sapo/tied_fraction"] for entry in trainer.state.log_history if "sapo/tied_fraction" in entry
     ]
     assert len(ties) == 2 and all(0.0 < fraction < 1.0 for fraction in ties)
-    tied_in_buffer = [pair["rejected_ids"] == pair["chosen_ids"] for pair in trainer.entered]
+    tied_in_buffer = [pair.tied for pair in trainer.entered]
     assert len(trainer.entered) == (round(8 * 8 * (1 - sum(ties) / 2)) if skip else 8 * 8)
     assert not any(tied_in_buffer) if skip else any(tied_in_buffer)

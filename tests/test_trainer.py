@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from sapo import SAPOConfig, SAPOTrainer
 from sapo.builtin.tiny import tiny_llama
 from sapo.data import prepare_dataset
-from sapo.evaluation import preference_margin
+from sapo.evaluation import held_out_scores
 
 DPO_METRICS = {
     "rewards/chosen",
@@ -52,8 +52,8 @@ def make_args(tmp_path, **overrides):
 def held_out_margin(model, tokenizer, seed=123):
     rows = prepare_dataset(Dataset.from_list(addition_rows(256, seed=999)), tokenizer, 64, 32)
     pairs = list(zip(rows["prompt_ids"], rows["gold_ids"]))
-    return preference_margin(
-        model, pairs, tokenizer.pad_token_id, [tokenizer.eos_token_id], 4, seed=seed, batch_size=128
+    return held_out_scores(
+        model, pairs, tokenizer.pad_token_id, [tokenizer.eos_token_id], 4, False, seed=seed, batch_size=128
     )
 
 
@@ -166,8 +166,8 @@ def test_gradient_accumulation_counts_once(tmp_path, tokenizer, tiny_model, addi
         processing_class=tokenizer,
     )
     calls = []
-    original = trainer.segment_generator.generate
-    trainer.segment_generator.generate = lambda *a, **k: calls.append(len(a[1])) or original(*a, **k)
+    original = trainer.sampler.generate
+    trainer.sampler.generate = lambda *a, **k: calls.append(len(a[1])) or original(*a, **k)
     trainer.train()
     assert calls == [8, 8, 8]  # one call per optimizer step, for both micro-batches' rows
     assert trainer.ema.num_updates == 3
@@ -190,12 +190,12 @@ def test_every_row_gets_a_segment_when_generating_every_n_steps(tmp_path, tokeni
         processing_class=tokenizer,
     )
     calls = []
-    original = trainer.segment_generator.generate
-    trainer.segment_generator.generate = lambda *a, **k: calls.append(len(a[1])) or original(*a, **k)
+    original = trainer.sampler.generate
+    trainer.sampler.generate = lambda *a, **k: calls.append(len(a[1])) or original(*a, **k)
     trainer.train()
     assert trainer.state.global_step == 7
     assert sum(calls) == 28 and len(calls) == -(-7 // every)
-    gold = sorted(tuple(item["chosen_ids"]) for item in trainer.buffer.items())
+    gold = sorted(tuple(item.chosen_ids) for item in trainer.buffer.items())
     expected = sorted(tuple(ids) for ids in trainer.train_dataset["gold_ids"])
     assert gold == expected
 
@@ -275,14 +275,14 @@ def test_reference_logps_are_reused_until_the_next_sync(tmp_path, tokenizer, tin
         if "sapo/reference_reuse" in entry
     ]
     assert reuse[0] == 0.0 and max(reuse) > 0.0
-    assert trainer.sapo_state.progress.reference_version == 1
-    cached = [item for item in trainer.buffer.items() if item.get("ref_version") == 1]
+    assert trainer.progress.reference_version == 1
+    cached = [pair for pair in trainer.buffer.items() if pair.reference_cached(1)]
     assert cached  # pairs drawn since the sync at step 4
     with torch.no_grad():
         fresh, _ = completion_logps(trainer.ref_model, collate_pairs(cached, tokenizer.pad_token_id))
     expected = torch.stack(fresh.chunk(2), dim=1)
     torch.testing.assert_close(
-        torch.tensor([item["ref_logps"] for item in cached], dtype=torch.float64),
+        torch.tensor([pair.reference_logps for pair in cached], dtype=torch.float64),
         expected.double(),
         atol=1e-5,
         rtol=0,

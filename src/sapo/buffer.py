@@ -28,8 +28,6 @@ class ReplayBuffer:
         self.seed = seed
         self._items: deque[Any] = deque()
         self._times_sampled: deque[int] = deque()
-        self._added: deque[int] = deque()  # insertion index of each entry, for ages and order
-        self._total_added = 0
         self._generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -40,25 +38,30 @@ class ReplayBuffer:
         if len(self._items) == self.capacity:
             self._items.popleft()
             self._times_sampled.popleft()
-            self._added.popleft()
         self._items.append(item)
         self._times_sampled.append(0)
-        self._added.append(self._total_added)
-        self._total_added += 1
 
     def weights(self) -> torch.Tensor:
         """Current draw weights, ``1 / (1 + times_sampled)``, unnormalised, in buffer order."""
         counts = torch.tensor(list(self._times_sampled), dtype=torch.float64)
         return 1.0 / (1.0 + counts)
 
-    def sample(self, k: int) -> list[Any]:
-        """Draw ``k`` items with replacement; every drawn entry's count goes up once per draw."""
+    def draw(self, k: int) -> list[int]:
+        """Draw ``k`` positions with replacement (0: the oldest item); every drawn entry's count
+        goes up once per draw. Positions name entries until the next :meth:`add`."""
         if len(self._items) == 0:
             raise ValueError("cannot sample from an empty replay buffer")
-        indices = torch.multinomial(self.weights(), k, replacement=True, generator=self._generator).tolist()
-        for index in indices:
-            self._times_sampled[index] += 1
-        return [self._items[index] for index in indices]
+        positions = torch.multinomial(self.weights(), k, replacement=True, generator=self._generator).tolist()
+        for position in positions:
+            self._times_sampled[position] += 1
+        return positions
+
+    def sample(self, k: int) -> list[Any]:
+        """Draw ``k`` items with replacement (:meth:`draw`)."""
+        return [self._items[position] for position in self.draw(k)]
+
+    def __getitem__(self, position: int) -> Any:
+        return self._items[position]
 
     def items(self) -> list[Any]:
         """The items, oldest first."""
@@ -69,14 +72,12 @@ class ReplayBuffer:
         return list(self._times_sampled)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue identically: items, counts, order and generator state."""
+        """Everything needed to continue identically: items in order, counts and generator state."""
         return {
             "capacity": self.capacity,
             "seed": self.seed,
             "items": list(self._items),
             "times_sampled": list(self._times_sampled),
-            "added": list(self._added),
-            "total_added": self._total_added,
             "generator_state": self._generator.get_state(),
         }
 
@@ -89,6 +90,4 @@ class ReplayBuffer:
         self.seed = state["seed"]
         self._items = deque(state["items"])
         self._times_sampled = deque(int(count) for count in state["times_sampled"])
-        self._added = deque(int(index) for index in state["added"])
-        self._total_added = int(state["total_added"])
         self._generator.set_state(state["generator_state"])

@@ -1,209 +1,118 @@
-"""Sample SAPO's segments: up to ``window`` new tokens after each ``prompt + gold[:cut]`` prefix.
+"""SAPO's negatives: the sampling model rewrites a span of each gold answer, in one batched call.
 
-All rows of a generation step go through one batched call (left padding, KV cache). A row stops
-at its own window or at EOS; the call ends as soon as every row has stopped. Sampling draws from a
-seed taken from the generator's own ``torch.Generator``, so a run is reproducible and the
-generator's state can be checkpointed.
-
-The loop is :func:`sapo.decoding.sample_tokens` where the model allows it (``backend="auto"``):
-``generate``'s sampling with the attention masks prepared once per call and the same tokens for
-the same seed. Elsewhere, or with ``backend="transformers"``, it is transformers' ``generate``.
-On CPU, ``num_threads`` can cap torch's intra-op threads while sampling: a decode step is dozens
-of small matrix products, and when other processes share the cores, each one split across
-threads waits for whichever thread was descheduled. What each option costs and saves is measured
-in docs/performance.md.
+For every ``(prompt_ids, gold_ids)`` row a cut is placed (:mod:`sapo.segments`: uniformly, the
+paper's rule, or where the sampling model is least sure of the gold answer), the model samples
+up to ``span`` tokens after ``prompt + gold[:cut]`` (:class:`sapo.sampling.Sampler`, every row
+at once), and the rejected answer is spliced. ``"uncertain"`` placement first runs the model
+teacher-forced over ``prompt + gold`` to read the probability of every gold token; the LM head
+runs on the gold positions only, in chunks (:func:`sapo.logprobs.position_logps`), so the pass
+never holds a batch's full logits.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from trl.trainer.utils import pad
 
-from sapo.config import GENERATION_BACKENDS
-from sapo.decoding import sample_tokens, sampling_processors, supports_cached_loop
-from sapo.segments import sample_cut, splice
+from sapo.logprobs import position_logps
+from sapo.pairs import Pair
+from sapo.sampling import Sampler
+from sapo.segments import cut_covering, last_cut, replaced_span, sample_cut, splice, uncertain_position
 
-
-class _PerRowLimit(StoppingCriteria):
-    """Marks row ``i`` done once it has ``limits[i]`` new tokens."""
-
-    def __init__(self, prefix_width: int, limits: torch.Tensor):
-        self.prefix_width = prefix_width
-        self.limits = limits
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return (input_ids.shape[1] - self.prefix_width) >= self.limits
+Row = tuple[Sequence[int], Sequence[int]]  # (prompt_ids, gold_ids)
 
 
 @dataclass
-class SegmentGenerator:
-    """Batched, seeded segment sampling.
+class Negatives:
+    """What one generation call made, and what tells whether its negatives carry signal.
 
-    Args:
-        pad_token_id: id used for left padding.
-        eos_token_ids: ids that end an answer.
-        temperature, top_p, top_k: sampling knobs (see ``SAPOConfig``).
-        seed: seed of the generator that draws one sampling seed per call.
-        num_threads: torch intra-op threads while generating on CPU (``None``: leave torch's
-            setting); restored afterwards. Has no effect on other devices.
-        backend: ``"auto"``: SAPO's cached loop where the model allows it
-            (:func:`sapo.decoding.supports_cached_loop`), else ``generate``; ``"transformers"``:
-            always ``generate``.
+    Attributes:
+        pairs: one pair per row, in row order.
+        segment_tokens: tokens sampled in all.
+        cut_positions: each cut over its gold answer's length (0: the start).
+        placed_probabilities: ``"uncertain"`` placement only: the probability the sampling model
+            gave the gold token each span was placed on.
     """
 
-    pad_token_id: int
-    eos_token_ids: Sequence[int]
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 50
-    seed: int = 0
-    num_threads: int | None = None
-    backend: str = "auto"
-
-    def __post_init__(self):
-        if self.backend not in GENERATION_BACKENDS:
-            raise ValueError(f"backend={self.backend!r}: must be one of {', '.join(GENERATION_BACKENDS)}")
-        self.eos_token_ids = list(self.eos_token_ids)
-        self.generator = torch.Generator().manual_seed(self.seed)
-
-    def generation_config(self, max_new_tokens: int) -> GenerationConfig:
-        """The `GenerationConfig` of a call through transformers' ``generate``."""
-        return GenerationConfig(
-            do_sample=True,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=self.pad_token_id,
-            eos_token_id=self.eos_token_ids,
-            use_cache=True,
-        )
-
-    @torch.no_grad()
-    def generate(
-        self, model: torch.nn.Module, prefixes: Sequence[Sequence[int]], max_new_tokens: Sequence[int]
-    ) -> list[list[int]]:
-        """Sample up to ``max_new_tokens[i]`` tokens after ``prefixes[i]`` for every row at once.
-
-        A returned segment ends at its first EOS (kept) or at its limit, whichever comes first.
-        A model whose weights diverged raises ``FloatingPointError``.
-        """
-        if len(prefixes) != len(max_new_tokens):
-            raise ValueError("prefixes and max_new_tokens differ in length")
-        if not prefixes:
-            return []
-        device = next(model.parameters()).device
-        width = max(len(prefix) for prefix in prefixes)
-        input_ids = torch.full((len(prefixes), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prefixes), width), dtype=torch.long)
-        for row, prefix in enumerate(prefixes):
-            if prefix:
-                input_ids[row, width - len(prefix) :] = torch.tensor(list(prefix), dtype=torch.long)
-                attention_mask[row, width - len(prefix) :] = 1
-        limits = torch.tensor(list(max_new_tokens), dtype=torch.long, device=device)
-        most = int(max(max_new_tokens))
-        call_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
-        devices = [device] if device.type == "cuda" else []
-        threads = self.num_threads if device.type == "cpu" else None
-        cached_loop = self.backend == "auto" and supports_cached_loop(model, width + most)
-        with torch.random.fork_rng(devices=devices), _intra_op_threads(threads), _diverged_model_error():
-            torch.manual_seed(call_seed)
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            if cached_loop:
-                new_tokens = sample_tokens(
-                    model,
-                    input_ids,
-                    attention_mask,
-                    limits,
-                    sampling_processors(self.temperature, self.top_k, self.top_p),
-                    self.eos_token_ids,
-                    self.pad_token_id,
-                )
-            else:
-                output = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    generation_config=self.generation_config(most),
-                    stopping_criteria=StoppingCriteriaList([_PerRowLimit(width, limits)]),
-                )
-                new_tokens = output[:, width:]
-        return [self._trim(tokens, limit) for tokens, limit in zip(new_tokens.tolist(), max_new_tokens)]
-
-    def _trim(self, tokens: list[int], limit: int) -> list[int]:
-        tokens = tokens[:limit]
-        return _cut_after_first(tokens, self.eos_token_ids)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"generator_state": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.generator.set_state(state["generator_state"])
+    pairs: list[Pair]
+    segment_tokens: int
+    cut_positions: list[float]
+    placed_probabilities: list[float] | None = None
 
 
-@contextlib.contextmanager
-def _diverged_model_error():
-    """Turn torch's sampling error on NaN or infinite probabilities (a model whose weights
-    diverged) into a ``FloatingPointError``, which the CLI reports in one line."""
-    try:
-        yield
-    except RuntimeError as error:
-        if "probability tensor contains" not in str(error):
-            raise
-        raise FloatingPointError(
-            "the sampling model's next-token probabilities are not finite (its weights diverged): "
-            "lower the learning rate, raise ema_decay or train in float32"
-        ) from error
-
-
-@contextlib.contextmanager
-def _intra_op_threads(count: int | None):
-    """Run the block with ``count`` torch intra-op threads (``None``: unchanged), then restore."""
-    before = torch.get_num_threads()
-    if count is None or count == before:
-        yield
-        return
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _cut_after_first(tokens: list[int], stop_ids: Iterable[int]) -> list[int]:
-    stop = set(stop_ids)
-    for position, token in enumerate(tokens):
-        if token in stop:
-            return tokens[: position + 1]
-    return tokens
+@torch.inference_mode()
+def gold_token_probabilities(
+    model: torch.nn.Module, rows: Sequence[Row], pad_token_id: int, chunk_size: int | None = 256
+) -> list[list[float]]:
+    """``p(gold[t] | prompt + gold[:t])`` under ``model`` for every gold token of every row, from
+    one teacher-forced pass over the right-padded rows."""
+    sequences = [torch.tensor([*prompt, *gold], dtype=torch.long) for prompt, gold in rows]
+    device = next(model.parameters()).device
+    input_ids = pad(sequences, padding_value=pad_token_id).to(device)
+    attention_mask = pad([torch.ones_like(s) for s in sequences], padding_value=0).to(device)
+    width = input_ids.shape[1]
+    # position t predicts token t + 1: a row's gold tokens are predicted from len(prompt) - 1 on
+    positions = [
+        row * width + token
+        for row, (prompt, gold) in enumerate(rows)
+        for token in range(len(prompt) - 1, len(prompt) + len(gold) - 1)
+    ]
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    targets = input_ids.roll(-1, dims=1)[..., None]
+    index = torch.tensor(positions, dtype=torch.long, device=device)
+    probabilities = position_logps(model, inputs, targets, index, chunk_size)[:, 0].exp().tolist()
+    lengths = [len(gold) for _, gold in rows]
+    starts = [sum(lengths[:row]) for row in range(len(rows))]
+    return [probabilities[start : start + length] for start, length in zip(starts, lengths)]
 
 
 def self_augmented_pairs(
     model: torch.nn.Module,
-    rows: Sequence[tuple[Sequence[int], Sequence[int]]],
-    sampler: SegmentGenerator,
+    rows: Sequence[Row],
+    sampler: Sampler,
     cut_generator: torch.Generator,
     segment_length: int,
     max_length: int | None,
-) -> tuple[list[dict[str, list[int]]], int]:
-    """SAPO's negatives for ``(prompt_ids, gold_ids)`` rows: draw a cut per row, let ``model``
-    rewrite one window of each gold answer in one batched call, splice the rejected answers.
+    placement: str = "uniform",
+    step: int = 0,
+    version: int | None = None,
+    chunk_size: int | None = 256,
+) -> Negatives:
+    """SAPO's negatives for ``rows``: place a cut per row, let ``model`` rewrite one span of each
+    gold answer in one batched call, splice the rejected answers (pairs stamped with ``step``).
 
-    Returns the pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) and the number of tokens
-    generated.
+    ``placement``: ``"uniform"`` draws each cut from ``cut_generator``; ``"uncertain"`` places it
+    from the model's own gold-token probabilities (it draws nothing). ``version`` names the
+    weights ``model`` holds, for a sampling engine that keeps its own copy of them.
     """
-    cuts = [sample_cut(len(p), len(g), segment_length, max_length, cut_generator) for p, g in rows]
-    prefixes = [list(p) + list(g[:cut]) for (p, g), (cut, _) in zip(rows, cuts)]
-    segments = sampler.generate(model, prefixes, [window for _, window in cuts])
+    if not rows:
+        return Negatives([], 0, [])
+    placed = None
+    if placement == "uniform":
+        cuts = [sample_cut(len(p), len(g), segment_length, max_length, cut_generator)[0] for p, g in rows]
+    elif placement == "uncertain":
+        probabilities = gold_token_probabilities(model, rows, sampler.pad_token_id, chunk_size)
+        cuts, placed = [], []
+        for (prompt, gold), probs in zip(rows, probabilities):
+            highest = last_cut(len(prompt), len(gold), segment_length, max_length)
+            position = uncertain_position(probs[: highest + replaced_span(len(gold), segment_length)])
+            cuts.append(cut_covering(position, highest))
+            placed.append(probs[position])
+    else:
+        raise ValueError(f"placement={placement!r}: must be 'uniform' or 'uncertain'")
+    prefixes = [[*prompt, *gold[:cut]] for (prompt, gold), cut in zip(rows, cuts)]
+    spans = [replaced_span(len(gold), segment_length) for _, gold in rows]
+    segments = sampler.generate(model, prefixes, spans, version=version)
     pairs = [
-        {
-            "prompt_ids": list(p),
-            "chosen_ids": list(g),
-            "rejected_ids": splice(g, cut, segment, segment_length, sampler.eos_token_ids),
-        }
-        for (p, g), (cut, _), segment in zip(rows, cuts, segments)
+        Pair(list(p), list(g), splice(g, cut, segment, segment_length, sampler.eos_token_ids), step)
+        for (p, g), cut, segment in zip(rows, cuts, segments)
     ]
-    return pairs, sum(len(segment) for segment in segments)
+    return Negatives(
+        pairs,
+        sum(len(segment) for segment in segments),
+        [cut / len(gold) for (_, gold), cut in zip(rows, cuts)],
+        placed,
+    )

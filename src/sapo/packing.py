@@ -24,11 +24,14 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sapo.logprobs import position_logps, uses_fsdp
+
+if TYPE_CHECKING:
+    from sapo.pairs import Pair
 
 PREFIX, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1
 # attention implementations that accept an arbitrary 4D mask (flash attention and flex do not)
@@ -45,7 +48,7 @@ def common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
     return length
 
 
-def _pack_one(pair: dict[str, Any], score_shared_prefix: bool = True) -> dict[str, Any]:
+def _pack_one(pair: Pair, score_shared_prefix: bool = True) -> dict[str, Any]:
     """One pair's packed row and, per side, the runs of positions whose predictions are scored.
 
     Position ``i`` of the packed row predicts the next token of the sequence it belongs to; the
@@ -57,8 +60,8 @@ def _pack_one(pair: dict[str, Any], score_shared_prefix: bool = True) -> dict[st
     ``offset + (t - 1 - shared)`` past it, so each side's targets fill at most two contiguous
     runs of the row: ``targets`` lists them as ``(column, start, tokens)``.
     """
-    prompt = list(pair["prompt_ids"])
-    sides = (prompt + list(pair["chosen_ids"]), prompt + list(pair["rejected_ids"]))
+    prompt = list(pair.prompt_ids)
+    sides = (prompt + list(pair.chosen_ids), prompt + list(pair.rejected_ids))
     shared = common_prefix_length(*sides)
     tails = [sequence[shared:] for sequence in sides]
     first = max(1, len(prompt), 0 if score_shared_prefix else shared)  # the first scored sequence position
@@ -117,7 +120,7 @@ def first_scored_position(target_mask: torch.Tensor) -> int:
 
 
 def pack_pairs(
-    pairs: Sequence[dict[str, Any]],
+    pairs: Sequence[Pair],
     pad_token_id: int,
     skip_prompt_logits: bool = True,
     score_shared_prefix: bool = True,

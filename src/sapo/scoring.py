@@ -11,7 +11,8 @@ where the model allows it (:mod:`sapo.logprobs`), and for DPO (``score_shared_pr
 not on the response tokens the two sides share at their start: their log-probs cancel in the
 DPO margin, so the sums leave them out on both sides.
 
-:func:`reference_logps` scores pairs under the DPO reference, reusing what it scored before.
+:func:`reference_logps` scores pairs under the DPO reference; :func:`pairs_to_score` says which
+pairs need it (the others carry log-probs of the same reference version).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from trl.trainer.utils import pad
@@ -29,14 +30,15 @@ from sapo.packing import common_prefix_length, pack_pairs, packed_completion_log
 
 if TYPE_CHECKING:
     from sapo.copies.contract import Reference
+    from sapo.pairs import Pair
 
 
 def collate_pairs(
-    pairs: Sequence[dict[str, Any]], pad_token_id: int, score_shared_prefix: bool = True
+    pairs: Sequence[Pair], pad_token_id: int, score_shared_prefix: bool = True
 ) -> dict[str, torch.Tensor]:
     """Stack pairs into ``input_ids``/``attention_mask``/``completion_mask`` of shape ``(2B, T)``.
 
-    Each pair holds ``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` (lists of ints). Rows
+    Each pair (:class:`~sapo.pairs.Pair`) holds ``prompt_ids``, ``chosen_ids`` and ``rejected_ids``. Rows
     ``[:B]`` are prompt + chosen, rows ``[B:]`` prompt + rejected. ``scored_positions`` lists the
     positions whose prediction is scored, as indices ``row * T + t`` (position ``t`` predicts
     token ``t + 1``): every response token but a sequence's first, and, without
@@ -45,14 +47,14 @@ def collate_pairs(
     # a pair's first scored token: past its prompt, and without score_shared_prefix past what its
     # two sequences share
     starts = [
-        len(pair["prompt_ids"])
-        + (0 if score_shared_prefix else common_prefix_length(pair["chosen_ids"], pair["rejected_ids"]))
+        len(pair.prompt_ids)
+        + (0 if score_shared_prefix else common_prefix_length(pair.chosen_ids, pair.rejected_ids))
         for pair in pairs
     ]
     sequences, completion_masks, scored = [], [], []
     for side in ("chosen_ids", "rejected_ids"):
         for pair, start in zip(pairs, starts):
-            prompt, response = pair["prompt_ids"], pair[side]
+            prompt, response = pair.prompt_ids, getattr(pair, side)
             sequences.append(torch.tensor(list(prompt) + list(response), dtype=torch.long))
             completion_masks.append(torch.tensor([0] * len(prompt) + [1] * len(response), dtype=torch.long))
             scored.append(range(max(1, start), len(prompt) + len(response)))
@@ -92,7 +94,7 @@ class PairScorer:
     """How a batch of pairs is laid out and scored: ``collate(pairs)`` builds the batch and
     ``score(model, batch)`` returns ``(logps, lengths)``, rows ``[:B]`` chosen, ``[B:]`` rejected."""
 
-    collate: Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]]
+    collate: Callable[[Sequence[Pair]], dict[str, torch.Tensor]]
     score: Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
     packed: bool
 
@@ -130,35 +132,28 @@ def pair_scorer(
     return PairScorer(collate, score, packed)
 
 
-def reference_logps(
-    reference: Reference, pairs, version: int, scorer: PairScorer, device, collated=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference log-probs of each pair's chosen and rejected answers, ``(chosen, rejected)``.
+def pairs_to_score(reference: Reference, pairs: Sequence[Pair], version: int) -> list[Pair]:
+    """The pairs whose reference log-probs must be computed now: those with none cached for
+    ``version``, or every pair when the reference is sharded (its forward gathers weights from all
+    ranks, so each rank scores every pair, every time, or a rank with nothing left to score would
+    leave the others waiting)."""
+    return [pair for pair in pairs if reference.sharded or not pair.reference_cached(version)]
 
-    A pair drawn again before the next sync (same ``version``) reuses the values stored on it
-    (``ref_logps``, ``ref_version``); only the other pairs go through the reference model, in one
-    batch laid out and scored by ``scorer``.
-    ``collated``, when given, is ``scorer.collate(pairs)`` (the policy's batch, which the caller has
-    already built): when every pair needs scoring it goes through the reference as it is. A pair
-    listed twice is scored twice; the trainer passes each distinct pair once.
-    A whole reference scores under ``torch.inference_mode``; a sharded one under ``no_grad``, as
-    its forward gathers weights in place.
+
+def reference_logps(
+    reference: Reference, pairs: Sequence[Pair], scorer: PairScorer, device, collated=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs of each pair's chosen and rejected answers, ``(chosen, rejected)``, on
+    the CPU in float32, from one batch laid out and scored by ``scorer``.
+
+    ``collated``, when given, is ``scorer.collate(pairs)`` (the policy's batch, which the caller
+    has already built). A whole reference scores under ``torch.inference_mode``; a sharded one
+    under ``no_grad``, as its forward gathers weights in place.
     """
-    # a sharded reference's forward gathers weights from all ranks: each rank scores every pair,
-    # every time, or a rank with nothing left to score would leave the others waiting
-    rescore = reference.sharded
-    missing = [p for p in pairs if rescore or p.get("ref_version") != version]
-    if missing:
-        whole = collated is not None and len(missing) == len(pairs)
-        batch = collated if whole else scorer.collate(missing)
-        batch = {name: tensor.to(device) for name, tensor in batch.items()}
-        grad_off = torch.no_grad() if rescore else torch.inference_mode()
-        with grad_off, reference.scoring_model() as model:
-            logps, _ = scorer.score(model, batch)
-        chosen, rejected = logps.float().cpu().chunk(2)
-        for pair, chosen_logp, rejected_logp in zip(missing, chosen.tolist(), rejected.tolist()):
-            pair["ref_logps"] = (chosen_logp, rejected_logp)
-            pair["ref_version"] = version
-    chosen = torch.tensor([p["ref_logps"][0] for p in pairs], dtype=torch.float32)
-    rejected = torch.tensor([p["ref_logps"][1] for p in pairs], dtype=torch.float32)
+    batch = scorer.collate(pairs) if collated is None else collated
+    batch = {name: tensor.to(device) for name, tensor in batch.items()}
+    grad_off = torch.no_grad() if reference.sharded else torch.inference_mode()
+    with grad_off, reference.scoring_model() as model:
+        logps, _ = scorer.score(model, batch)
+    chosen, rejected = logps.float().cpu().chunk(2)
     return chosen, rejected

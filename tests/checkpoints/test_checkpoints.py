@@ -17,6 +17,7 @@ from sapo.buffer import ReplayBuffer
 from sapo.builtin.tiny import tiny_llama
 from sapo.checkpoints import RUN_FILE, is_complete, resolve
 from sapo.checkpoints.files import buffer_from_tensors, buffer_to_tensors
+from sapo.pairs import Pair
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -188,7 +189,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, tokenizer):
 def test_buffer_tensor_round_trip():
     buffer = ReplayBuffer(capacity=4, seed=1)
     for i in range(6):
-        buffer.add({"prompt_ids": [i] * (i + 1), "chosen_ids": [i, 1], "rejected_ids": [], "step": i})
+        buffer.add(Pair([i] * (i + 1), [i, 1], [], step=i))
     buffer.sample(5)
     tensors, metadata = buffer_to_tensors(buffer.state_dict())
     restored = ReplayBuffer(capacity=4, seed=99)

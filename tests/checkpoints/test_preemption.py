@@ -25,7 +25,6 @@ ROOT = Path(__file__).resolve().parents[2]
 DRIVER = """
 import sys, time
 import sapo.trainer
-from sapo.checkpoints.state import SAPOState
 from sapo.cli import main
 
 moment, step = sys.argv[1], int(sys.argv[2])
@@ -50,12 +49,12 @@ elif moment == "update":  # in the loss of the step-th step
         return compute(self, *args, **kwargs)
     sapo.trainer.SAPOTrainer.compute_loss = hooked
 elif moment == "checkpoint":  # Trainer's files of checkpoint-<step> written, SAPO's not yet
-    save = SAPOState.save
-    def hooked(self, directory, rank, is_main_process, global_step):
+    save = sapo.checkpoints.save
+    def hooked(parts, directory, rank, is_main_process, global_step):
         if global_step == step:
             announce()
-        return save(self, directory, rank, is_main_process, global_step)
-    SAPOState.save = hooked
+        return save(parts, directory, rank, is_main_process, global_step)
+    sapo.checkpoints.save = hooked
 sys.exit(main(sys.argv[3:]))
 """
 

@@ -113,9 +113,9 @@ trainer = SAPOTrainer(
     peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if use_lora else None,
 )
 calls = []
-generate = trainer.segment_generator.generate
-trainer.segment_generator.generate = lambda model, prefixes, limits: (
-    calls.append(len(prefixes)) or generate(model, prefixes, limits)
+generate = trainer.sampler.generate
+trainer.sampler.generate = lambda model, prefixes, limits, **options: (
+    calls.append(len(prefixes)) or generate(model, prefixes, limits, **options)
 )
 trainer.train(resume_from_checkpoint=resume)
 trainer.save_model(str(Path(output_dir) / "final"))

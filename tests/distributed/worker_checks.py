@@ -13,8 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sapo.builtin.tiny import tiny_llama
 from sapo.checkpoints import files as checkpoint
-from sapo.ema import EMAModel
-from sapo.scoring import PairScorer, reference_logps
+from sapo.copies.whole import EMAModel
+from sapo.pairs import Pair
+from sapo.scoring import PairScorer, pairs_to_score, reference_logps
 
 
 class CollectiveCounter(TorchDispatchMode):
@@ -98,9 +99,11 @@ def check_reference(reference, ema, tokenizer, whole) -> dict:
         calls.append(len(batch["rows"]))
         return torch.zeros(len(batch["rows"]) * 2), None
 
-    pairs = [{"ref_logps": (0.0, 0.0), "ref_version": 3}, {"ref_logps": (0.0, 0.0), "ref_version": 3}]
+    pairs = [Pair([1], [2], [3]), Pair([1], [2], [4])]
+    for pair in pairs:
+        pair.cache_reference((0.0, 0.0), 3)
     scorer = PairScorer(collate=lambda rows: {"rows": torch.zeros(len(rows))}, score=score, packed=False)
-    reference_logps(reference, pairs, 3, scorer, "cpu")
+    reference_logps(reference, pairs_to_score(reference, pairs, 3), scorer, "cpu")
     return {
         "sync_error": max_difference(whole(reference.model), whole(ema.model)),
         "sync_collectives": sync_collectives,

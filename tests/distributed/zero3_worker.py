@@ -36,7 +36,7 @@ from sapo.copies import build_ema_and_reference
 from sapo.copies.lora import EMA_ADAPTER, REFERENCE_ADAPTER, adapter_parameters
 from sapo.copies.whole import CopiedReference
 from sapo.copies.zero3 import ZeroEMA, ZeroReference, is_partitioned, partition_like_policy
-from sapo.ema import EMAModel
+from sapo.copies.whole import EMAModel
 
 transformers.logging.set_verbosity_error()
 DECAY = 0.75

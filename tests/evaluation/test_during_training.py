@@ -14,7 +14,7 @@ from test_trainer import make_args as trainer_args
 from sapo import SAPOTrainer
 from sapo.builtin.tiny import tiny_llama
 from sapo.data import prepare_dataset
-from sapo.evaluation import preference_margin
+from sapo.evaluation import held_out_scores
 from sapo.evaluation.during_training import held_out_metrics
 
 
@@ -38,8 +38,8 @@ def test_held_out_metrics_are_the_margins_of_sapo_evaluation(tmp_path, tokenizer
     metrics = trainer.evaluate()
     rows = prepare_dataset(Dataset.from_list(addition_rows(12, seed=1)), tokenizer, 2048, None)
     pairs = list(zip(rows["prompt_ids"], rows["gold_ids"]))
-    expected = preference_margin(
-        trainer.model, pairs, tokenizer.pad_token_id, trainer.eos_token_ids, 3, seed=0, batch_size=5
+    expected = held_out_scores(
+        trainer.model, pairs, tokenizer.pad_token_id, trainer.eos_token_ids, 3, False, seed=0, batch_size=5
     )
     for name, value in expected.items():
         assert metrics[f"eval_{name}"] == pytest.approx(value, abs=1e-6)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sapo.builtin.tiny import tiny_llama
-from sapo.evaluation import evaluate, greedy_accuracy, margin_batches, preference_margin
+from sapo.evaluation import greedy_accuracy, held_out_scores, margin_batches
 
 
 def greedy_one_by_one(model, prompt, length, tokenizer):
@@ -42,7 +42,7 @@ def test_greedy_accuracy_needs_the_answer_to_stop(tokenizer):
     assert greedy_accuracy(model, rows, tokenizer.pad_token_id, [tokenizer.eos_token_id]) == 0.5
 
 
-def test_margin_batches_add_up_to_preference_margin(tokenizer):
+def test_margin_batches_add_up_to_the_held_out_scores(tokenizer):
     model = tiny_llama(tokenizer, seed=1)
     rows = [
         (tokenizer(f"{i}+{i}=")["input_ids"], tokenizer(f"{2 * i}")["input_ids"] + [2]) for i in range(10)
@@ -51,12 +51,14 @@ def test_margin_batches_add_up_to_preference_margin(tokenizer):
         margin_batches(model, rows, tokenizer.pad_token_id, [2], segment_length=2, seed=4, batch_size=4)
     )
     assert [len(gold) for gold, _ in batches] == [4, 4, 2]
-    whole = preference_margin(
-        model, rows, tokenizer.pad_token_id, [2], segment_length=2, seed=4, batch_size=4
+    whole = held_out_scores(
+        model, rows, tokenizer.pad_token_id, [2], segment_length=2, with_accuracy=False, seed=4, batch_size=4
     )
     margins = torch.cat([margin for _, margin in batches])
     assert whole["margin"] == pytest.approx(margins.mean().item())
     assert whole["win_rate"] == pytest.approx((margins > 0).float().mean().item())
-    combined = evaluate(model, rows, tokenizer.pad_token_id, [2], 2, with_accuracy=True, seed=4, batch_size=4)
+    combined = held_out_scores(
+        model, rows, tokenizer.pad_token_id, [2], 2, with_accuracy=True, seed=4, batch_size=4
+    )
     assert combined == pytest.approx({**whole, "accuracy": combined["accuracy"]})
     assert model.training  # evaluation puts the model back in the mode it found it in

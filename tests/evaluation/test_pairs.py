@@ -1,6 +1,7 @@
 """pairs.jsonl: the differing span of a spliced pair, its decoding with marks, and the callback
 that writes the records and hands them to the table backends."""
 
+import dataclasses
 import json
 import sys
 import types
@@ -12,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, TrainerControl, TrainerState, TrainingArguments
 
 from sapo.evaluation.pairs import CLOSE, OPEN, PairLogCallback, describe_pair, differing_span, log_table
+from sapo.pairs import Pair
 from sapo.segments import splice
 
 EOS = 0
@@ -54,9 +56,8 @@ def token_ids(tokenizer, text):
 
 def test_a_pair_reads_with_its_rewritten_span_marked(tokenizer):
     eos = tokenizer.eos_token_id
-    pair = {"prompt_ids": token_ids(tokenizer, "<|user|>12*11=<|end|><|assistant|>"), "step": 7}
-    pair["chosen_ids"] = token_ids(tokenizer, "132") + [eos]
-    pair["rejected_ids"] = token_ids(tokenizer, "1x72") + [eos]
+    prompt = token_ids(tokenizer, "<|user|>12*11=<|end|><|assistant|>")
+    pair = Pair(prompt, token_ids(tokenizer, "132") + [eos], token_ids(tokenizer, "1x72") + [eos], step=7)
     record = describe_pair(pair, tokenizer)
     assert record == {
         "generated_at_step": 7,
@@ -67,7 +68,7 @@ def test_a_pair_reads_with_its_rewritten_span_marked(tokenizer):
         "rewritten_span": "x7",
         "identical": False,
     }
-    same = describe_pair({**pair, "rejected_ids": pair["chosen_ids"]}, tokenizer)
+    same = describe_pair(dataclasses.replace(pair, rejected_ids=pair.chosen_ids), tokenizer)
     assert same["identical"] and same["rejected"] == "132" and same["rewritten_span"] == ""
 
 
@@ -82,7 +83,7 @@ def word_tokenizer():
 
 def test_marks_keep_the_spacing_of_the_whole_answer():
     tokenizer = word_tokenizer()
-    pair = {"prompt_ids": [2], "chosen_ids": [2, 3, 5, 1], "rejected_ids": [2, 4, 5, 1]}
+    pair = Pair([2], [2, 3, 5, 1], [2, 4, 5, 1])
     record = describe_pair(pair, tokenizer)
     assert record["chosen"] == "the cat sat"
     assert record["rejected"] == f"the{OPEN} dog{CLOSE} sat"
@@ -103,12 +104,12 @@ def spliced_pairs(tokenizer, count):
     ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     eos = tokenizer.eos_token_id
     return [
-        {
-            "prompt_ids": ids(f"{i}+1="),
-            "chosen_ids": ids(str(i + 1)) + [eos],
-            "rejected_ids": ids("9") + [eos],
-        }
-        | {"step": i}
+        Pair(
+            ids(f"{i}+1="),
+            ids(str(i + 1)) + [eos],
+            ids("9") + [eos],
+            step=i,
+        )
         for i in range(count)
     ]
 

@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 
 from sapo.builtin.tiny import char_tokenizer, tiny_llama
 from sapo.packing import mask_for, pack_pairs
+from sapo.pairs import Pair
 from sapo.planning import GIB, Setup, load_model_config, model_shape, plan_memory
 from sapo.planning.memory import ACTIVATIONS, FITS_UNDER, layer_activation_bytes
 
@@ -22,7 +23,7 @@ LORA_TARGETS = {"lora-all": "all-linear", "lora-attention": ("q_proj", "v_proj")
 def pairs(count: int, length: int = 16, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     draw = lambda: [rng.randrange(7, 100) for _ in range(length)]  # noqa: E731
-    return [{"prompt_ids": draw(), "chosen_ids": draw(), "rejected_ids": draw()} for _ in range(count)]
+    return [Pair(draw(), draw(), draw()) for _ in range(count)]
 
 
 def build(layers: int, regime: str, kind: str):

@@ -246,25 +246,17 @@ def task_scores(
     (0 is right; one wrong digit of a 60-token answer is 1/60), a per-token score that credits an
     answer for its right steps. Answers may run up to the task's ``max_length``.
     """
-    from sapo.generation import SegmentGenerator
+    from sapo.evaluation import greedy_answers
     from sapo.policy import eos_token_ids
 
     task = get_task(name)
     rows = task_rows(tokenizer, name, split, count)
-    greedy = SegmentGenerator(
-        tokenizer.pad_token_id, eos_token_ids(model, tokenizer), temperature=1.0, top_p=1.0, top_k=1
-    )
-    was_training = model.training
-    model.eval()
+    prompts = [prompt for prompt, _ in rows]
+    limits = [task.max_length - len(prompt) for prompt in prompts]
+    ends = eos_token_ids(model, tokenizer)
     exact, distance = 0, 0.0
-    try:
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            limits = [task.max_length - len(prompt) for prompt, _ in chunk]
-            answers = greedy.generate(model, [prompt for prompt, _ in chunk], limits)
-            for answer, (_, gold) in zip(answers, chunk):
-                exact += answer == list(gold)
-                distance += edit_distance(answer, gold) / len(gold)
-    finally:
-        model.train(was_training)
+    answers = greedy_answers(model, prompts, limits, tokenizer.pad_token_id, ends, batch_size)
+    for answer, (_, gold) in zip(answers, rows):
+        exact += answer == list(gold)
+        distance += edit_distance(answer, gold) / len(gold)
     return {"exact_match": exact / len(rows), "edit_distance": distance / len(rows)}

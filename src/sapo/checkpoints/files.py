@@ -19,6 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers.trainer_utils import sort_checkpoints
 
+from sapo.pairs import Pair
+
 if TYPE_CHECKING:
     from sapo.copies.contract import CopyWeights
 
@@ -110,29 +112,31 @@ def read_json(path: str | Path) -> dict[str, Any]:
 
 
 def buffer_to_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split a ``ReplayBuffer.state_dict()`` of SAPO pairs into flat tensors and JSON metadata."""
-    items = state["items"]
+    """Split a ``ReplayBuffer.state_dict()`` of :class:`~sapo.pairs.Pair` items into flat tensors
+    and JSON metadata."""
+    items: list[Pair] = state["items"]
     tensors = {"buffer_generator_state": state["generator_state"]}
     for field in PAIR_FIELDS:
-        sequences = [item[field] for item in items]
+        sequences = [getattr(item, field) for item in items]
         tensors[f"buffer_{field}"] = torch.tensor([t for s in sequences for t in s], dtype=torch.int64)
         tensors[f"buffer_{field}_lengths"] = torch.tensor([len(s) for s in sequences], dtype=torch.int64)
-    tensors["buffer_step"] = torch.tensor([item["step"] for item in items], dtype=torch.int64)
+    tensors["buffer_step"] = torch.tensor([item.step for item in items], dtype=torch.int64)
     # reference log-probs cached on a pair for one reference version (-1: none cached)
+    cached = [item.reference_logps is not None for item in items]
     tensors["buffer_ref_version"] = torch.tensor(
-        [item.get("ref_version", -1) for item in items], dtype=torch.int64
+        [item.reference_version if has else -1 for item, has in zip(items, cached)], dtype=torch.int64
     )
     tensors["buffer_ref_logps"] = torch.tensor(
-        [item.get("ref_logps", (0.0, 0.0)) for item in items], dtype=torch.float64
+        [item.reference_logps if has else (0.0, 0.0) for item, has in zip(items, cached)], dtype=torch.float64
     ).reshape(-1, 2)
     tensors["buffer_times_sampled"] = torch.tensor(state["times_sampled"], dtype=torch.int64)
-    tensors["buffer_added"] = torch.tensor(state["added"], dtype=torch.int64)
-    metadata = {key: state[key] for key in ("capacity", "seed", "total_added")}
+    metadata = {key: state[key] for key in ("capacity", "seed")}
     return tensors, metadata
 
 
 def buffer_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of :func:`buffer_to_tensors`."""
+    """Inverse of :func:`buffer_to_tensors`. Checkpoints of earlier versions also hold each
+    entry's insertion index (``buffer_added``, ``total_added``), which nothing reads."""
     columns = {}
     for field in PAIR_FIELDS:
         flat = tensors[f"buffer_{field}"].tolist()
@@ -144,15 +148,15 @@ def buffer_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, An
     ref_logps = [tuple(values) for values in tensors["buffer_ref_logps"].tolist()]
     items = []
     for i, step in enumerate(steps):
-        item = {**{field: columns[field][i] for field in PAIR_FIELDS}, "step": step}
+        item = Pair(*(columns[field][i] for field in PAIR_FIELDS), step=step)
         if ref_versions[i] >= 0:
-            item["ref_logps"], item["ref_version"] = ref_logps[i], ref_versions[i]
+            item.cache_reference(ref_logps[i], ref_versions[i])
         items.append(item)
     return {
-        **metadata,
+        "capacity": metadata["capacity"],
+        "seed": metadata["seed"],
         "items": items,
         "times_sampled": tensors["buffer_times_sampled"].tolist(),
-        "added": tensors["buffer_added"].tolist(),
         "generator_state": tensors["buffer_generator_state"],
     }
 

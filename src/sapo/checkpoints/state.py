@@ -1,9 +1,10 @@
 """SAPO's state beside Trainer's: what a checkpoint must hold for a resumed run to continue exactly.
 
-:class:`SAPOState` gathers the trainer's SAPO components (the replay buffer, the generators of
-cuts and of sampling, the EMA and the reference, and a few counters) and writes or restores
-them; :func:`staged_checkpoint` writes a whole checkpoint under a temporary name and publishes it
-with one rename.
+:func:`save` and :func:`load` write and restore the SAPO parts of a trainer (the replay buffer,
+the generators of cuts and of sampling, the EMA and the reference, the generation schedule and a
+few counters: :class:`SAPOParts`); the trainer owns them, this module only reads and writes them.
+:func:`staged_checkpoint` writes a whole checkpoint under a temporary name and publishes it with
+one rename.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import contextlib
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from transformers.trainer import TRAINER_STATE_NAME
@@ -35,7 +37,8 @@ from sapo.checkpoints.files import (
     writing,
 )
 from sapo.copies.contract import EMA, Reference
-from sapo.window import GenerationWindow
+from sapo.sampling import Sampler
+from sapo.schedule import GenerationSchedule
 
 STAGING = ".staging"
 
@@ -53,51 +56,52 @@ class Progress:
     ref_model_sync_steps: int | None = None
 
 
-@dataclass
-class SAPOState:
-    """The trainer's SAPO components, saved and restored together (one rank's view)."""
+class SAPOParts(Protocol):
+    """The SAPO parts of a trainer that a checkpoint holds (one rank's view)."""
 
     buffer: ReplayBuffer
     cut_generator: torch.Generator
-    sampling_generator: torch.Generator
+    sampler: Sampler
     ema: EMA
     reference: Reference | None
-    window: GenerationWindow
-    progress: Progress = field(default_factory=Progress)
+    schedule: GenerationSchedule
+    progress: Progress
 
-    def save(self, directory: str | Path, rank: int, is_main_process: bool, global_step: int) -> None:
-        """Write this rank's buffer, generators and counters, and (main process) the EMA and
-        reference weights. Every rank must call this: distributed weights are gathered."""
-        tensors, buffer_metadata = buffer_to_tensors(self.buffer.state_dict())
-        tensors["cut_generator_state"] = self.cut_generator.get_state()
-        tensors["sampling_generator_state"] = self.sampling_generator.get_state()
-        metadata = {
-            "buffer": buffer_metadata,
-            "global_step": global_step,
-            "ema_updates": self.ema.num_updates,
-            "ref_model_sync_steps": self.progress.ref_model_sync_steps,
-            "reference_version": self.progress.reference_version,
-            "steps_generated_ahead": self.window.steps_ahead,
-        }
-        save_rank_state(directory, rank, tensors, metadata)
-        save_weights(self.ema, os.path.join(directory, EMA_FILE), is_main_process)
-        if self.reference is not None:
-            save_weights(self.reference, os.path.join(directory, REFERENCE_FILE), is_main_process)
 
-    def load(self, directory: str | Path, rank: int) -> None:
-        """Restore what :meth:`save` wrote, in place."""
-        tensors, metadata = load_rank_state(directory, rank)
-        with reading(rank_files(directory, rank)[1]):  # a key missing from either file
-            self.buffer.load_state_dict(buffer_from_tensors(tensors, metadata["buffer"]))
-            self.cut_generator.set_state(tensors["cut_generator_state"])
-            self.sampling_generator.set_state(tensors["sampling_generator_state"])
-            self.ema.num_updates = metadata["ema_updates"]
-            self.progress.ref_model_sync_steps = metadata["ref_model_sync_steps"]
-            self.progress.reference_version = metadata["reference_version"]
-            self.window.restore(metadata["steps_generated_ahead"])
-        load_weights(self.ema, os.path.join(directory, EMA_FILE))
-        if self.reference is not None:
-            load_weights(self.reference, os.path.join(directory, REFERENCE_FILE))
+def save(parts: SAPOParts, directory: str | Path, rank: int, is_main_process: bool, global_step: int) -> None:
+    """Write this rank's buffer, generators and counters, and (main process) the EMA and
+    reference weights. Every rank must call this: distributed weights are gathered."""
+    tensors, buffer_metadata = buffer_to_tensors(parts.buffer.state_dict())
+    tensors["cut_generator_state"] = parts.cut_generator.get_state()
+    tensors["sampling_generator_state"] = parts.sampler.generator.get_state()
+    metadata = {
+        "buffer": buffer_metadata,
+        "global_step": global_step,
+        "ema_updates": parts.ema.num_updates,
+        "ref_model_sync_steps": parts.progress.ref_model_sync_steps,
+        "reference_version": parts.progress.reference_version,
+        "steps_generated_ahead": parts.schedule.steps_ahead,
+    }
+    save_rank_state(directory, rank, tensors, metadata)
+    save_weights(parts.ema, os.path.join(directory, EMA_FILE), is_main_process)
+    if parts.reference is not None:
+        save_weights(parts.reference, os.path.join(directory, REFERENCE_FILE), is_main_process)
+
+
+def load(parts: SAPOParts, directory: str | Path, rank: int) -> None:
+    """Restore what :func:`save` wrote into ``parts``, in place."""
+    tensors, metadata = load_rank_state(directory, rank)
+    with reading(rank_files(directory, rank)[1]):  # a key missing from either file
+        parts.buffer.load_state_dict(buffer_from_tensors(tensors, metadata["buffer"]))
+        parts.cut_generator.set_state(tensors["cut_generator_state"])
+        parts.sampler.generator.set_state(tensors["sampling_generator_state"])
+        parts.ema.num_updates = metadata["ema_updates"]
+        parts.progress.ref_model_sync_steps = metadata["ref_model_sync_steps"]
+        parts.progress.reference_version = metadata["reference_version"]
+        parts.schedule.restore(metadata["steps_generated_ahead"])
+    load_weights(parts.ema, os.path.join(directory, EMA_FILE))
+    if parts.reference is not None:
+        load_weights(parts.reference, os.path.join(directory, REFERENCE_FILE))
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ Every home implements the two contracts of :mod:`sapo.copies.contract` in full:
 =================  =================================  ====================================
 policy             EMA                                reference
 =================  =================================  ====================================
-whole (DDP, one    :class:`sapo.ema.EMAModel`         :class:`~sapo.copies.whole.CopiedReference`
+whole (DDP, one    :class:`~sapo.copies.whole.EMAModel` :class:`~sapo.copies.whole.CopiedReference`
 device, ZeRO-2)    (float32 copy)                     (frozen copy)
 LoRA               :class:`~sapo.copies.lora.AdapterEMA`  :class:`~sapo.copies.lora.AdapterReference`
                    (adapter on the same base)         (adapter on the same base)
@@ -29,9 +29,8 @@ from sapo.copies import zero3
 from sapo.copies.contract import EMA, Reference
 from sapo.copies.fsdp2 import build_sharded, is_sharded, shard_like_policy
 from sapo.copies.lora import AdapterEMA, AdapterReference
-from sapo.copies.whole import CopiedReference
+from sapo.copies.whole import CopiedReference, EMAModel
 from sapo.copies.zero3 import build_partitioned, is_partitioned, partition_like_policy
-from sapo.ema import EMAModel
 from sapo.policy import is_peft_model, policy_adapter_name
 
 logger = logging.get_logger(__name__)

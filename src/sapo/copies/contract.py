@@ -1,9 +1,11 @@
 """What the trainer may ask of the EMA model and of the DPO reference, wherever their weights live.
 
-Four homes implement both contracts in full: whole copies (:class:`sapo.ema.EMAModel`,
-:class:`sapo.copies.whole.CopiedReference`), LoRA adapters on the policy's base
-(:mod:`sapo.copies.lora`), FSDP2 shards (:mod:`sapo.copies.fsdp2`) and ZeRO-3 partitions
-(:mod:`sapo.copies.zero3`). Callers use these members only; none probes for others.
+Four homes implement both contracts in full: whole copies (:mod:`sapo.copies.whole`), LoRA
+adapters on the policy's base (:mod:`sapo.copies.lora`), FSDP2 shards (:mod:`sapo.copies.fsdp2`)
+and ZeRO-3 partitions (:mod:`sapo.copies.zero3`). Callers use these members only; none probes
+for others. LoRA's copies live on the policy model itself, so when accelerate distributes the
+policy they are distributed with it: :class:`PolicyAdapters` is how the FSDP2 and ZeRO-3
+handovers tell them so.
 
 Two kinds of weight access serve two needs:
 
@@ -15,9 +17,6 @@ Two kinds of weight access serve two needs:
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Protocol, runtime_checkable
 
@@ -59,6 +58,11 @@ class EMA(CopyWeights, Protocol):
     decay: float
     num_updates: int
 
+    @property
+    def model(self) -> nn.Module:
+        """The module that holds the averaged weights (for LoRA, the policy model itself)."""
+        ...
+
     def update(self, policy: nn.Module) -> None:
         """``ema = decay * ema + (1 - decay) * policy``; counts one update."""
         ...
@@ -82,16 +86,15 @@ class Reference(CopyWeights, Protocol):
         ...
 
 
-@contextlib.contextmanager
-def unsynced_generate(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` whose ``generate`` runs with ``synced_gpus=False`` for the block.
+@runtime_checkable
+class PolicyAdapters(Protocol):
+    """Copies that are adapters on the policy model (:mod:`sapo.copies.lora`): distributing the
+    policy distributes them, and the handover only tells them how."""
 
-    transformers turns ``synced_gpus`` on under ZeRO-3 and FSDP, which keeps every rank decoding
-    until the longest row of any rank ends, one all-reduce per token. Once the weights are
-    gathered whole for a generation call no rank needs the others: each stops at its own length.
-    """
-    model.generate = functools.partial(type(model).generate, model, synced_gpus=False)
-    try:
-        yield model
-    finally:
-        del model.generate  # back to the class's method
+    def partitioned_by(self, engine) -> None:
+        """DeepSpeed ZeRO-3 (the training ``engine``) partitioned the policy, adapters included."""
+        ...
+
+    def sharded_by_fsdp2(self) -> None:
+        """FSDP2 sharded the policy, adapters included, and replaced its parameters."""
+        ...

@@ -31,8 +31,9 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers.utils import logging
 from trl.trainer.utils import disable_dropout_in_model
 
-from sapo.copies.contract import unsynced_generate
-from sapo.ema import check_decay, check_same_names, copy_weights, zip_named
+from sapo.copies.contract import PolicyAdapters
+from sapo.copies.weights import check_same_names, copy_weights, unsynced_generate, zip_named
+from sapo.ema import check_decay, move_average
 from sapo.policy import is_peft_model
 
 logger = logging.get_logger(__name__)
@@ -202,7 +203,7 @@ class ShardedEMA(_ShardedWeights):
         for average, current in zip_named(self.model, policy):
             if average.placements != current.placements or average.device_mesh != current.device_mesh:
                 raise ValueError("the EMA and the policy are sharded differently")
-            average.to_local().lerp_(current.to_local().to(torch.float32), 1.0 - self.decay)
+            move_average(average.to_local(), current.to_local(), self.decay)
         self.num_updates += 1
 
     @contextlib.contextmanager
@@ -279,9 +280,9 @@ def shard_like_policy(policy: nn.Module, ema, reference):
     if not is_sharded(policy) or ema.sharded:
         return ema, reference
     if is_peft_model(policy):  # the adapters were sharded with the model
-        for state in (ema, reference):
-            if state is not None:
-                state.sharded_by_fsdp2()
+        for copied in (ema, reference):
+            if isinstance(copied, PolicyAdapters):
+                copied.sharded_by_fsdp2()
         return ema, reference
     sharded_ema = ShardedEMA(policy, ema.decay)
     sharded_ema.load_full_tensors(ema.tensors())

@@ -15,8 +15,8 @@ import copy
 import torch
 from trl.trainer.utils import use_adapter
 
-from sapo.copies.zero3 import whole_for_generation
-from sapo.ema import check_decay, copy_weights
+from sapo.copies.weights import copy_weights, whole_for_generation
+from sapo.ema import check_decay, move_average
 
 EMA_ADAPTER = "sapo_ema"
 REFERENCE_ADAPTER = "sapo_reference"
@@ -147,9 +147,7 @@ class AdapterEMA(_AdapterWeights):
         """``ema = decay * ema + (1 - decay) * policy`` over the policy adapter's weights."""
         current = _whole(self._policy, self.mode) if self.sharded else self._policy
         for name, average in self.shadow.items():
-            average.lerp_(
-                current[name].detach().to(device=average.device, dtype=torch.float32), 1.0 - self.decay
-            )
+            move_average(average, current[name], self.decay)
         _write(self.shadow, self._adapter, self.mode)
         self.num_updates += 1
 

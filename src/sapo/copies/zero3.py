@@ -28,11 +28,11 @@ import copy
 import torch
 from torch import nn
 from transformers.utils import logging
-from trl.models.utils import add_hooks, remove_hooks
 from trl.trainer.utils import disable_dropout_in_model
 
-from sapo.copies.contract import unsynced_generate
-from sapo.ema import check_decay, check_same_names, copy_weights
+from sapo.copies.contract import PolicyAdapters
+from sapo.copies.weights import check_same_names, copy_weights, whole_for_generation
+from sapo.ema import check_decay, move_average
 from sapo.policy import is_peft_model
 
 logger = logging.get_logger(__name__)
@@ -205,7 +205,7 @@ class ZeroEMA(_PartitionedWeights):
         """``ema = decay * ema + (1 - decay) * policy`` on this rank's slices only: no collective."""
         current = _slices(policy)
         for name, average in _slices(self.model).items():
-            average.lerp_(current[name].to(device=average.device, dtype=torch.float32), 1.0 - self.decay)
+            move_average(average, current[name], self.decay)
         self._sync_sampler()
         self.num_updates += 1
 
@@ -224,27 +224,6 @@ class ZeroEMA(_PartitionedWeights):
     def sampling_model(self):
         """The EMA with whole weights: gathered once on entry, released on exit (all ranks enter)."""
         return whole_for_generation(self.sampler or self.engine)
-
-
-@contextlib.contextmanager
-def whole_for_generation(engine, model: nn.Module | None = None):
-    """``model`` (default: the engine's module) with every weight of ``engine`` gathered once.
-
-    ZeRO-3's hooks would fetch and release each layer at every token; they are taken off for the
-    call. ``generate`` runs with ``synced_gpus=False`` (transformers turns it on under ZeRO-3):
-    with the weights whole no rank needs the others, and each stops at its own length. Every
-    rank must enter.
-    """
-    import deepspeed
-
-    model = engine.module if model is None else model
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-        remove_hooks(engine)
-        try:
-            with unsynced_generate(model):
-                yield model
-        finally:
-            add_hooks(engine)
 
 
 class ZeroReference(_PartitionedWeights):
@@ -290,9 +269,9 @@ def partition_like_policy(policy: nn.Module, ema, reference, zero_config: dict, 
     if not is_partitioned(policy) or ema.sharded:
         return ema, reference
     if is_peft_model(policy):  # the adapters were partitioned with the model: same objects
-        for state in (ema, reference):
-            if state is not None:
-                state.partitioned_by(engine)
+        for copied in (ema, reference):
+            if isinstance(copied, PolicyAdapters):
+                copied.partitioned_by(engine)
         return ema, reference
     partitioned_ema = ZeroEMA(ema.model, policy, ema.decay, zero_config)
     partitioned_ema.num_updates = ema.num_updates

@@ -14,11 +14,11 @@
 """
 
 from sapo.evaluation.margins import (
-    evaluate,
     greedy_accuracy,
+    greedy_answers,
+    held_out_scores,
     margin_batches,
-    preference_margin,
     summarize_margins,
 )
 
-__all__ = ["evaluate", "greedy_accuracy", "margin_batches", "preference_margin", "summarize_margins"]
+__all__ = ["greedy_accuracy", "greedy_answers", "held_out_scores", "margin_batches", "summarize_margins"]

@@ -1,4 +1,5 @@
-"""How strongly a model prefers the gold answer over its own segment-spliced rewrite of it.
+"""How strongly a model prefers the gold answer over its own segment-spliced rewrite of it, and
+how often its greedy answer is the gold one.
 
 For every held-out row the model itself samples a segment (the same rule as training), the
 rejected answer is spliced, and both answers are scored by the model:
@@ -7,8 +8,11 @@ rejected answer is spliced, and both answers are scored by the model:
 - ``margin``: mean of ``log p(gold) - log p(rejected)``;
 - ``win_rate``: fraction of rows where ``log p(gold) > log p(rejected)``.
 
-This is the quantity SAPO trains; it rises when training works. For tasks with one right answer,
-:func:`greedy_accuracy` adds the exact-match accuracy of greedy decoding.
+This is the quantity SAPO trains; it rises when training works. :func:`held_out_scores` is the
+entry point (:func:`margin_batches` yields the same work batch by batch, for callers that gather
+it across processes). For tasks with one right answer, :func:`greedy_answers` is the one loop of
+greedy answers that exact match (:func:`greedy_accuracy`, :func:`sapo.builtin.tasks.task_scores`)
+is computed from.
 """
 
 from __future__ import annotations
@@ -18,31 +22,16 @@ from collections.abc import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sapo.generation import SegmentGenerator, self_augmented_pairs
+from sapo.generation import self_augmented_pairs
+from sapo.sampling import Sampler, evaluating
 from sapo.scoring import collate_pairs, completion_logps
 
-
-def preference_margin(
-    model: torch.nn.Module,
-    rows: Sequence[tuple[Sequence[int], Sequence[int]]],
-    pad_token_id: int,
-    eos_token_ids: Sequence[int],
-    segment_length: int,
-    **options,
-) -> dict[str, float]:
-    """Score ``rows`` (``(prompt_ids, gold_ids)`` pairs) against the model's own segments.
-
-    ``options`` are :func:`margin_batches`'s (``seed``, ``batch_size``, ``temperature``, ``top_p``,
-    ``top_k``). Cuts and sampling are seeded by ``seed``, so two models evaluated with the same
-    seed see the same cut points.
-    """
-    batches = margin_batches(model, rows, pad_token_id, eos_token_ids, segment_length, **options)
-    return summarize_margins(list(batches))
+Row = tuple[Sequence[int], Sequence[int]]  # (prompt_ids, gold_ids)
 
 
 def margin_batches(
     model: torch.nn.Module,
-    rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+    rows: Sequence[Row],
     pad_token_id: int,
     eos_token_ids: Sequence[int],
     segment_length: int,
@@ -52,29 +41,23 @@ def margin_batches(
     top_p: float = 0.95,
     top_k: int = 50,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The work of :func:`preference_margin` one batch at a time, so callers can show progress.
-
-    Yields, per batch of rows, the gold answers' summed log-probs and the margins
-    ``log p(gold) - log p(rejected)``.
-    """
+    """Per batch of rows, the gold answers' summed log-probs and the margins
+    ``log p(gold) - log p(rejected)``. Cuts and sampling are seeded by ``seed``, so two models
+    evaluated with the same seed see the same cut points."""
     if not rows:
         raise ValueError("no rows to evaluate")
-    was_training = model.training
-    model.eval()
     cut_generator = torch.Generator().manual_seed(seed)
-    sampler = SegmentGenerator(pad_token_id, eos_token_ids, temperature, top_p, top_k, seed=seed)
+    sampler = Sampler(pad_token_id, eos_token_ids, temperature, top_p, top_k, seed=seed)
     device = next(model.parameters()).device
-    try:
+    with evaluating(model):
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             with torch.no_grad():
-                pairs, _ = self_augmented_pairs(model, chunk, sampler, cut_generator, segment_length, None)
+                pairs = self_augmented_pairs(model, chunk, sampler, cut_generator, segment_length, None).pairs
                 batch = {k: v.to(device) for k, v in collate_pairs(pairs, pad_token_id).items()}
                 logps, _ = completion_logps(model, batch)
             chosen, rejected = logps.chunk(2)
             yield chosen.cpu(), (chosen - rejected).cpu()
-    finally:
-        model.train(was_training)
 
 
 def summarize_margins(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
@@ -88,9 +71,28 @@ def summarize_margins(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> d
     }
 
 
+def greedy_answers(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    limits: Sequence[int],
+    pad_token_id: int,
+    eos_token_ids: Sequence[int],
+    batch_size: int = 256,
+    progress: bool = False,
+) -> Iterator[list[int]]:
+    """The greedy answer to every prompt (at most ``limits[i]`` tokens, ending at its first
+    end-of-answer id), in order, ``batch_size`` prompts per batched call."""
+    greedy = Sampler.greedy(pad_token_id, eos_token_ids)
+    starts = range(0, len(prompts), batch_size)
+    with evaluating(model):
+        for start in tqdm(starts, desc="Greedy answers", disable=not progress, leave=False):
+            stop = start + batch_size
+            yield from greedy.generate(model, prompts[start:stop], limits[start:stop])
+
+
 def greedy_accuracy(
     model: torch.nn.Module,
-    rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+    rows: Sequence[Row],
     pad_token_id: int,
     eos_token_ids: Sequence[int],
     batch_size: int = 256,
@@ -99,31 +101,19 @@ def greedy_accuracy(
     """Exact-match accuracy: the fraction of rows whose greedy answer is the gold answer.
 
     The gold ids end in EOS, so an answer counts only if it stops exactly where the gold does.
-    Greedy decoding is sampling from the top-1 token (``top_k=1``), which reuses the batched,
-    left-padded generation of :class:`~sapo.generation.SegmentGenerator`.
     """
     if not rows:
         raise ValueError("no rows to evaluate")
-    greedy = SegmentGenerator(pad_token_id, eos_token_ids, temperature=1.0, top_p=1.0, top_k=1)
-    was_training = model.training
-    model.eval()
-    correct = 0
-    starts = range(0, len(rows), batch_size)
-    try:
-        for start in tqdm(starts, desc="Exact match", disable=not progress, leave=False):
-            chunk = rows[start : start + batch_size]
-            answers = greedy.generate(
-                model, [prompt for prompt, _ in chunk], [len(gold) for _, gold in chunk]
-            )
-            correct += sum(answer == list(gold) for answer, (_, gold) in zip(answers, chunk))
-    finally:
-        model.train(was_training)
-    return correct / len(rows)
+    prompts, golds = [prompt for prompt, _ in rows], [list(gold) for _, gold in rows]
+    answers = greedy_answers(
+        model, prompts, [len(gold) for gold in golds], pad_token_id, eos_token_ids, batch_size, progress
+    )
+    return sum(answer == gold for answer, gold in zip(answers, golds)) / len(rows)
 
 
-def evaluate(
+def held_out_scores(
     model: torch.nn.Module,
-    rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+    rows: Sequence[Row],
     pad_token_id: int,
     eos_token_ids: Sequence[int],
     segment_length: int,
@@ -133,7 +123,8 @@ def evaluate(
     progress: bool = False,
     **sampling: float,
 ) -> dict[str, float]:
-    """:func:`preference_margin` (plus exact-match ``accuracy`` when asked) with a progress bar.
+    """``gold_logp``, ``margin`` and ``win_rate`` of ``model`` on ``rows`` (plus exact-match
+    ``accuracy`` when asked), with a progress bar.
 
     ``sampling`` takes ``temperature``, ``top_p`` and ``top_k`` for the model's own segments.
     """

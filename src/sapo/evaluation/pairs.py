@@ -7,22 +7,29 @@ the gold marked ``⟦like this⟧``, plus both spans alone. The span is recomput
 EMA model happened to rewrite a token as the gold has it, that token is outside the marks.
 
 :class:`PairLogCallback` appends the records to ``output_dir/pairs.jsonl`` on the main process
-and shows them as a table on W&B and trackio when they are in ``report_to``.
+and shows them as a table on W&B and trackio when they are in ``report_to``. The file holds one
+run's records: a run starts it where it starts (a resumed run at its checkpoint's step).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.utils import logging
+
+from sapo.pairs import Pair
 
 OPEN, CLOSE = "⟦", "⟧"
 PAIRS_PER_LOG = 4
 PAIRS_FILE = "pairs.jsonl"
+
+logger = logging.get_logger(__name__)
 
 
 def differing_span(chosen: Sequence[int], rejected: Sequence[int]) -> tuple[int, int, int]:
@@ -56,11 +63,11 @@ def _marked(tokenizer, ids: Sequence[int], start: int, end: int) -> tuple[str, s
     return f"{before}{OPEN}{span}{CLOSE}{after}", span
 
 
-def describe_pair(pair: dict[str, Any], tokenizer) -> dict[str, Any]:
+def describe_pair(pair: Pair, tokenizer) -> dict[str, Any]:
     """A buffer pair as text: ``prompt``, ``chosen``, ``rejected`` (its rewritten span marked,
     unless it is ``identical`` to the gold), ``gold_span`` and ``rewritten_span``, and the step
     it was generated at."""
-    chosen, rejected = list(pair["chosen_ids"]), list(pair["rejected_ids"])
+    chosen, rejected = list(pair.chosen_ids), list(pair.rejected_ids)
     gold = tokenizer.decode(chosen, skip_special_tokens=True)
     rejected_text, rewritten, replaced = gold, "", ""  # a rewrite equal to the gold: nothing to mark
     if chosen != rejected:
@@ -68,8 +75,8 @@ def describe_pair(pair: dict[str, Any], tokenizer) -> dict[str, Any]:
         rejected_text, rewritten = _marked(tokenizer, rejected, start, rejected_end)
         _, replaced = _marked(tokenizer, chosen, start, chosen_end)
     return {
-        "generated_at_step": pair.get("step"),
-        "prompt": tokenizer.decode(pair["prompt_ids"], skip_special_tokens=True),
+        "generated_at_step": pair.step,
+        "prompt": tokenizer.decode(pair.prompt_ids, skip_special_tokens=True),
         "chosen": gold,
         "rejected": rejected_text,
         "gold_span": replaced,
@@ -82,8 +89,27 @@ class PairLogCallback(TrainerCallback):
     """Every ``every`` optimizer steps, the newest ``count`` buffer pairs (``pairs()`` returns
     the buffer's items, oldest first) as records in ``output_dir/pairs.jsonl``."""
 
-    def __init__(self, tokenizer, pairs: Callable[[], list[dict]], every: int, count: int = PAIRS_PER_LOG):
+    def __init__(self, tokenizer, pairs: Callable[[], list[Pair]], every: int, count: int = PAIRS_PER_LOG):
         self.tokenizer, self.pairs, self.every, self.count = tokenizer, pairs, every, count
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Drop the records of steps after this run's start: a resumed run writes again those its
+        killed predecessor wrote after the checkpoint; a new run replaces (with a warning) those of
+        an earlier run that left nothing to resume (a folder with more is refused: see
+        :mod:`sapo.checkpoints.ownership`)."""
+        path = os.path.join(args.output_dir, PAIRS_FILE)
+        if not state.is_world_process_zero or not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8") as file:
+            lines = file.readlines()
+        kept = [line for line in lines if _logged_step(line) <= state.global_step]
+        if len(kept) == len(lines):
+            return
+        if state.global_step == 0:
+            logger.warning("%s: replacing the %d records of an earlier run", path, len(lines))
+        with open(path + ".tmp", "w", encoding="utf-8") as file:
+            file.writelines(kept)
+        os.replace(path + ".tmp", path)
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every or not state.is_world_process_zero:
@@ -96,6 +122,14 @@ class PairLogCallback(TrainerCallback):
         with open(os.path.join(args.output_dir, PAIRS_FILE), "a", encoding="utf-8") as file:
             file.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
         log_table(args.report_to, "sapo/pairs", records)
+
+
+def _logged_step(line: str) -> float:
+    """The step a record was written at; a line cut short by a killed run counts as after any."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def log_table(report_to: Sequence[str], name: str, records: list[dict[str, Any]]) -> None:

@@ -1,4 +1,4 @@
-"""`sapo.decoding`: SAPO's sampling loop draws exactly the tokens `generate` draws, and runs only
+"""`sapo.sampling.own_loop`: SAPO's sampling loop draws exactly the tokens `generate` draws, and runs only
 where that holds."""
 
 import random
@@ -13,9 +13,9 @@ from transformers import MistralConfig, MistralForCausalLM
 
 from sapo import SAPOConfig
 from sapo.builtin.tiny import char_tokenizer, tiny_llama
-from sapo.decoding import sampling_processors, supports_cached_loop
-from sapo.generation import SegmentGenerator
 from sapo.packing import mask_for, supports_packing, uses_fsdp
+from sapo.sampling import Sampler
+from sapo.sampling.own_loop import sampling_processors, supports_cached_loop
 
 TOKENIZER = char_tokenizer()
 PAD, EOS = TOKENIZER.pad_token_id, TOKENIZER.eos_token_id
@@ -33,7 +33,7 @@ def both_backends(model, prefixes, limits, stop_ids=(EOS,), seed=0, knobs="sapo"
     temperature, top_k, top_p = SETTINGS[knobs]
     segments = {}
     for backend in ("auto", "transformers"):
-        generator = SegmentGenerator(
+        generator = Sampler(
             PAD, list(stop_ids), temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, backend=backend
         )
         segments[backend] = generator.generate(model, prefixes, limits)
@@ -184,6 +184,6 @@ def test_packing_respects_attention_windows():
 
 def test_backend_is_validated():
     with pytest.raises(ValueError, match="backend='vllm'"):
-        SegmentGenerator(PAD, [EOS], backend="vllm")
+        Sampler(PAD, [EOS], backend="vllm")
     with pytest.raises(ValueError, match="generation_backend='vllm'"):
         SAPOConfig(output_dir="unused", generation_backend="vllm")

@@ -1,20 +1,24 @@
-"""SAPO's sampling loop: ``generate``'s sampling with the attention masks prepared once per call.
+"""SAPO's sampling loop: ``generate``'s sampling distribution with the attention masks prepared
+once per call and the draw made among the tokens that can be drawn.
 
 On a small model a decode step is a few milliseconds of many small operations, and
 ``generate`` spends a noticeable share of it outside the model: it rebuilds the attention mask
 from the 2D padding mask at every token and carries stopping criteria and bookkeeping that
-SAPO's calls do not need (docs/performance.md). :func:`sample_tokens` builds the masks up front
-(a causal 4D mask for the prefill; one key-visibility tensor that each decode step slices), runs
-under ``torch.inference_mode`` and
-otherwise does what ``generate`` does with SAPO's settings: transformers' own temperature, top-k
-and top-p warpers in ``generate``'s order, the softmax, one ``torch.multinomial`` draw from the
-global generator per token, padding for rows that have stopped. With the same seed it returns
-``generate``'s tokens (``tests/test_decoding.py`` checks token equality).
+SAPO's calls do not need (docs/performance.md). At a real vocabulary its warpers cost more than
+the model: top-p sorts every logit of every row at every token. :func:`sample_tokens` builds the
+masks up front (a causal 4D mask for the prefill; one key-visibility tensor that each decode step
+slices), runs under ``torch.inference_mode``, draws each token with
+:func:`sapo.sampling.draw.draw_next_tokens` (temperature, top-k and top-p applied to the top-k
+candidates only: the warpers' distribution, one ``torch.multinomial`` draw from the global
+generator) and pads rows that have stopped. Its logits are ``generate``'s, step for step; its
+tokens for a seed are ``generate``'s only where the draw is (greedy, or neither top-k nor top-p):
+``generation_backend="transformers"`` gives ``generate``'s exact tokens
+(tests/sampling/test_own_loop.py checks both).
 
-It runs where that equality holds (:func:`supports_cached_loop`): decoder-only models whose
-attention takes a custom 4D mask (``sdpa``, ``eager``), with no sliding or chunked window shorter
-than the call's sequences, outside ZeRO-3 and FSDP (there ``generate`` keeps the ranks in step).
-Elsewhere :class:`sapo.generation.SegmentGenerator` calls ``generate``. Sampling uses exactly the
+It runs where its logits are ``generate``'s (:func:`supports_cached_loop`): decoder-only models
+whose attention takes a custom 4D mask (``sdpa``, ``eager``), with no sliding or chunked window
+shorter than the call's sequences, outside ZeRO-3 and FSDP (there ``generate`` keeps the ranks in
+step). Elsewhere :class:`sapo.sampling.Sampler` calls ``generate``. Sampling uses exactly the
 temperature, top-k and top-p it is given: unlike ``generate``, it does not add processors from
 the model's own ``generation_config`` (such as a repetition penalty).
 """
@@ -26,34 +30,17 @@ from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
-from transformers.generation import (
-    LogitsProcessorList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from sapo.packing import PADDING, PREFIX, mask_for, packed_attention_mask, supports_packing, uses_fsdp
+from sapo.sampling.draw import draw_next_tokens
 
 # layer kinds whose attention is the ordinary causal attention a 4D mask describes
 _ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention"}
 
 
-def sampling_processors(temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
-    """The warpers ``generate`` applies for these settings, in its order (temperature, top-k, top-p)."""
-    processors = LogitsProcessorList()
-    if temperature != 1.0:
-        processors.append(TemperatureLogitsWarper(temperature))
-    if top_k:
-        processors.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
-    if top_p < 1.0:
-        processors.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
-    return processors
-
-
 def supports_cached_loop(model: torch.nn.Module, total_length: int) -> bool:
-    """Whether :func:`sample_tokens` gives ``generate``'s tokens for sequences of ``total_length``.
+    """Whether :func:`sample_tokens` computes ``generate``'s logits for sequences of ``total_length``.
 
     A custom 4D mask replaces the model's own masks, so any window shorter than the sequence
     (which would have hidden the oldest keys) rules the loop out, as do layers that are not
@@ -82,14 +69,18 @@ def sample_tokens(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     limits: torch.Tensor,
-    processors: LogitsProcessorList,
     eos_token_ids: Sequence[int],
     pad_token_id: int,
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
 ) -> torch.Tensor:
     """Sample after left-padded ``input_ids`` until each row has ``limits[i]`` tokens or an EOS.
 
     Returns the new tokens, ``(B, N)`` for the longest row's ``N``; a row that stopped earlier is
-    filled with ``pad_token_id``. Draws from the global random generator, as ``generate`` does.
+    filled with ``pad_token_id``. Draws from the global random generator, as ``generate`` does,
+    with ``generate``'s distribution for ``temperature``, ``top_k`` and ``top_p`` (0 and 1: off).
     """
     batch, width = input_ids.shape
     device = input_ids.device
@@ -123,9 +114,8 @@ def sample_tokens(
     limits = limits.to(device)
     tokens = []
     for step in range(most):
-        logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
-        scores = processors(input_ids, logits)
-        drawn = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        logits = outputs.logits[:, -1].to(dtype=torch.float32)
+        drawn = draw_next_tokens(logits, temperature, top_k, top_p)
         drawn = torch.where(running, drawn, pad_token_id)
         tokens.append(drawn)
         running &= ~torch.isin(drawn, stop_ids) & (limits > step + 1)

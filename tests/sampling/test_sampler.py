@@ -1,6 +1,6 @@
-"""`sapo.generation.SegmentGenerator`: batched, seeded segment sampling.
+"""`sapo.sampling.Sampler`: batched, seeded sampling.
 
-Every test runs with both backends: SAPO's sampling loop (`sapo.decoding`, the default) and
+Every test runs with both backends: SAPO's sampling loop (`sapo.sampling.own_loop`, the default) and
 transformers' `generate`.
 """
 
@@ -11,7 +11,7 @@ import torch
 
 from sapo.builtin.tiny import tiny_llama
 from sapo.config import GENERATION_BACKENDS
-from sapo.generation import SegmentGenerator
+from sapo.sampling import Sampler
 
 BACKEND = {"name": "auto"}
 
@@ -27,7 +27,7 @@ def make_generator(tokenizer, **kwargs):
         pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id], backend=BACKEND["name"]
     )
     settings.update(kwargs)
-    return SegmentGenerator(**settings)
+    return Sampler(**settings)
 
 
 def random_prefixes(tokenizer, lengths, seed=0):
@@ -189,11 +189,11 @@ def test_successive_calls_differ_and_state_is_checkpointable(tokenizer, tiny_mod
     knobs = dict(temperature=1.0, top_k=0, top_p=1.0)
     generator = make_generator(tokenizer, seed=7, **knobs)
     first = generator.generate(model, prefixes, limits)
-    state = generator.state_dict()
+    state = generator.generator.get_state()  # what a checkpoint saves
     second = generator.generate(model, prefixes, limits)
     assert first != second  # each call draws a fresh sampling seed
     restored = make_generator(tokenizer, seed=0, **knobs)
-    restored.load_state_dict(state)
+    restored.generator.set_state(state)
     assert restored.generate(model, prefixes, limits) == second
 
 
