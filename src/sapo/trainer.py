@@ -1,21 +1,23 @@
 """``SAPOTrainer``: the SAPO loop wired onto ``transformers.Trainer``.
 
-Per optimizer step ``t`` (gradient accumulation counts once), in the order of this file:
+Per optimizer step ``t`` (gradient accumulation counts once), the paper's loop, in this order:
 
-1. **generate** (at the first step of every window of ``sample_every_n_steps`` steps): the EMA
-   model rewrites a window of each gold answer of the window's rows in one batched call
-   (:meth:`SAPOTrainer.get_batch_samples` → :meth:`SAPOTrainer.generate_pairs`);
-2. **buffer**: the pairs enter the replay buffer (:meth:`SAPOTrainer.generate_pairs`);
-3. **sample** a batch from the buffer, least-drawn pairs first, and score the reference on the
-   pairs whose reference log-probs are not cached (:meth:`SAPOTrainer.training_step`);
-4. **loss**: DPO or ORPO on that batch (:meth:`SAPOTrainer.compute_loss`);
-5. **step**: backward and optimizer step, by Trainer;
-6. **EMA** update, then 7. (DPO) **sync** the reference from the EMA when due
-   (:meth:`SAPOTrainer.after_optimizer_step`).
+1. **generate**: at the first step of every round of ``sample_every_n_steps`` steps, the EMA model
+   rewrites a span of each gold answer of the round's rows in one batched call;
+2. **buffer**: the pairs enter the replay buffer;
+3. **sample** a batch from the buffer, least-drawn pairs first, with the reference log-probs of
+   the pairs that have none for the current reference;
+4. **loss**: DPO or ORPO on that batch, and backward;
+5. **step**: the optimizer step (Trainer's);
+6. **EMA** update, then 7. (DPO) **sync** the reference from the EMA when due.
 
-Trainer keeps the optimizer, schedule, precision, devices, logging and progress bar. SAPO's
-components (``segments``, ``buffer``, ``ema``, ``generation``, ``losses``, ``copies``) know nothing
-of this class; its checkpoint part is :class:`sapo.checkpoints.SAPOState`.
+Steps 1 to 4 are :meth:`SAPOTrainer.training_step` (Trainer calls it once per accumulation
+step; only the first of a round's first step generates), 6 and 7 are
+:meth:`SAPOTrainer.after_optimizer_step` (called right after Trainer's step 5). Trainer keeps the
+optimizer, schedule, precision, devices, logging and progress bar. SAPO's parts are this
+trainer's attributes: ``buffer``, ``ema``, ``reference``, ``sampler``, ``cut_generator``,
+``schedule`` (which rows generate when) and ``progress`` (SAPO's counters); the components they
+are built from know nothing of this class, and :mod:`sapo.checkpoints` saves and restores them.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ from sapo.copies import build_ema_and_reference, check_supported, distribute_lik
 from sapo.copies.teardown import release_process_group
 from sapo.data import GOLD_IDS, PROMPT_IDS, collate_rows, prepare_dataset
 from sapo.evaluation.during_training import held_out_metrics, tokenized_rows, training_callbacks
-from sapo.generation import SegmentGenerator, self_augmented_pairs
+from sapo.generation import self_augmented_pairs
 from sapo.hub import write_model_card
-from sapo.objective import distinct_pairs, preference_objective
+from sapo.objective import drawn_batch, preference_objective
 from sapo.policy import (
     check_master_precision,
     eos_token_ids,
@@ -51,29 +53,28 @@ from sapo.policy import (
     policy_adapter_name,
     prepare_policy,
 )
-from sapo.scoring import pair_scorer, reference_logps
-from sapo.window import GenerationWindow
+from sapo.sampling import Sampler
+from sapo.schedule import GenerationSchedule
+from sapo.scoring import pair_scorer, pairs_to_score, reference_logps
 
 logger = logging.get_logger(__name__)
 
+# Each rank draws from generators of its own: seeds offset by distinct primes times (rank + 1), so
+# no two generators of a run (nor of two ranks) share a seed, and rank 0's differ from `seed`.
+SAMPLING_SEED_OFFSET, CUT_SEED_OFFSET = 104729, 7919
 
-class _DistributeCopies(TrainerCallback):
-    """At train begin: accelerate has now sharded (FSDP2) or partitioned (ZeRO-3) the policy;
-    place the EMA and the reference alike, and fix a once-per-epoch sync interval."""
+
+class _TrainBegin(TrainerCallback):
+    """When training starts (accelerate has now placed the policy): the trainer places its copies
+    and decides the reference sync interval."""
 
     def __init__(self, trainer: SAPOTrainer):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        trainer = self.trainer
-        progress = trainer.sapo_state.progress
-        if progress.ref_model_sync_steps is None and train_dataloader is not None:
-            steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-            progress.ref_model_sync_steps = max(1, steps_per_epoch)
-        policy = trainer.accelerator.unwrap_model(trainer.model)
-        trainer.ema, trainer.reference = distribute_like_policy(
-            policy, trainer.ema, trainer.reference, trainer.accelerator, trainer.model_wrapped
-        )
+        self.trainer.place_copies()
+        if train_dataloader is not None:
+            self.trainer.decide_sync_interval(len(train_dataloader))
 
 
 class _AfterOptimizerStep(TrainerCallback):
@@ -96,9 +97,10 @@ class SAPOTrainer(Trainer):
         ref_model: DPO only: the initial reference; a copy of the policy when `None`.
         eval_dataset, callbacks, optimizers: as for `transformers.Trainer` (`evaluate()`: SAPO's margins).
 
-    Public attributes: `buffer` (the replay buffer), `ema` and `reference` (see
-    `sapo.copies.contract`), `segment_generator`, `scorer` (how pairs are scored, from
-    `pair_scoring`) and `eos_token_ids` (every id that ends an answer).
+    Public attributes: `buffer` (the replay buffer of `sapo.pairs.Pair`), `ema` and `reference`
+    (see `sapo.copies.contract`), `sampler` (a `sapo.sampling.Sampler`), `cut_generator`,
+    `schedule`, `progress`, `scorer` (how pairs are scored, from `pair_scoring`) and
+    `eos_token_ids` (every id that ends an answer).
     """
 
     def __init__(
@@ -149,28 +151,23 @@ class SAPOTrainer(Trainer):
         check_master_precision(policy, args, self.accelerator.state)  # float32 masters, or refuse
         rank = self.args.process_index
         self.eos_token_ids = eos_token_ids(policy, processing_class)
-        self.segment_generator = SegmentGenerator(
+        self.sampler = Sampler(
             pad_token_id=processing_class.pad_token_id,
             eos_token_ids=self.eos_token_ids,
             temperature=args.temperature,
             top_p=args.top_p,
             top_k=args.top_k,
-            seed=args.seed + 104729 * (rank + 1),
+            seed=args.seed + SAMPLING_SEED_OFFSET * (rank + 1),
             num_threads=args.generation_num_threads,
             backend=args.generation_backend,
         )
+        self.cut_generator = torch.Generator().manual_seed(args.seed + CUT_SEED_OFFSET * (rank + 1))
+        self.buffer = ReplayBuffer(args.replay_buffer_size, seed=args.seed + rank)
+        self.schedule = GenerationSchedule(args.sample_every_n_steps, args.gradient_accumulation_steps)
+        self.progress = checkpoints.Progress(ref_model_sync_steps=args.ref_model_sync_steps)
         # under FSDP or ZeRO-3, whole copies wait on the CPU to be distributed when training starts
         device = "cpu" if self.is_fsdp_enabled or is_deepspeed_zero3_enabled() else None
-        ema, reference = build_ema_and_reference(policy, self.args, ref_model, device)
-        self.sapo_state = checkpoints.SAPOState(
-            buffer=ReplayBuffer(args.replay_buffer_size, seed=args.seed + rank),
-            cut_generator=torch.Generator().manual_seed(args.seed + 7919 * (rank + 1)),
-            sampling_generator=self.segment_generator.generator,
-            ema=ema,
-            reference=reference,
-            window=GenerationWindow(args.sample_every_n_steps),
-            progress=checkpoints.Progress(ref_model_sync_steps=args.ref_model_sync_steps),
-        )
+        self.ema, self.reference = build_ema_and_reference(policy, self.args, ref_model, device)
         # chosen and rejected share prompt + gold[:cut]: by default both are scored in one packed
         # row where the attention implementation takes a 4D mask, else as two padded rows; the LM
         # head runs in chunks, and for DPO not on that shared part (it cancels in the margin)
@@ -180,24 +177,13 @@ class SAPOTrainer(Trainer):
             chunk_size=args.logprob_chunk_size, score_shared_prefix=args.loss_type != "dpo",
         )  # fmt: skip
         self._metrics: dict[str, list[float]] = defaultdict(list)
-        self.add_callback(_DistributeCopies(self))
+        self.add_callback(_TrainBegin(self))
         self.add_callback(_AfterOptimizerStep(self))
         for callback in training_callbacks(args, processing_class, lambda: self.buffer.items(), super().log):
             self.add_callback(callback)  # pairs.jsonl, lm-eval tasks (sapo.evaluation)
         if self.args.world_size > 1:
             # gloo may abort at interpreter exit while its group is alive; end it first (sapo.copies.teardown)
             atexit.register(release_process_group, self)
-
-    # the components, by their names in the paper's loop
-    buffer = property(lambda self: self.sapo_state.buffer)
-    cut_generator = property(lambda self: self.sapo_state.cut_generator)
-    ema = property(
-        lambda self: self.sapo_state.ema, lambda self, value: setattr(self.sapo_state, "ema", value)
-    )
-    reference = property(
-        lambda self: self.sapo_state.reference,
-        lambda self, value: setattr(self.sapo_state, "reference", value),
-    )
 
     @property
     def ref_model(self):
@@ -207,64 +193,102 @@ class SAPOTrainer(Trainer):
     @property
     def ref_model_sync_steps(self) -> int | None:
         """The reference sync interval in force (one epoch's steps when `ref_model_sync_steps` is unset)."""
-        return self.sapo_state.progress.ref_model_sync_steps
+        return self.progress.ref_model_sync_steps
 
-    # -- 1. generate and 2. buffer ---------------------------------------------------------------
+    # -- when training starts ----------------------------------------------------------------------
+
+    def place_copies(self) -> None:
+        """Shard (FSDP2) or partition (ZeRO-3) the EMA and the reference like the policy, which
+        accelerate distributes only when training starts; whole copies stay as they are."""
+        policy = self.accelerator.unwrap_model(self.model)
+        self.ema, self.reference = distribute_like_policy(
+            policy, self.ema, self.reference, self.accelerator, self.model_wrapped
+        )
+
+    def decide_sync_interval(self, batches_per_epoch: int) -> None:
+        """The reference sync interval: ``ref_model_sync_steps`` when set (or restored from a
+        checkpoint), else one epoch of optimizer steps."""
+        if self.progress.ref_model_sync_steps is None:
+            steps_per_epoch = math.ceil(batches_per_epoch / self.args.gradient_accumulation_steps)
+            self.progress.ref_model_sync_steps = max(1, steps_per_epoch)
+
+    # -- the loop: 1. generate, 2. buffer, 3. sample, 4. loss --------------------------------------
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """This step's rows; at the first step of a generation window, generate for the whole window."""
-        fetch = super().get_batch_samples
-        step = self.state.global_step
-        batches = self.sapo_state.window.next_step(
-            fetch_first=lambda: fetch(epoch_iterator, num_batches, device)[0],
-            fetch_later=lambda: fetch(epoch_iterator, self.args.gradient_accumulation_steps, device)[0],
-            generate=lambda rows: self.generate_pairs(rows, step),
-        )
-        return batches, None
+        """This step's inputs: one per accumulation step, the first carrying the rows to generate
+        for (every row of a round at its first step; see :class:`~sapo.schedule.GenerationSchedule`).
+        The dataset's rows only feed generation: training batches come from the buffer."""
 
-    def generate_pairs(self, rows: list[tuple[list[int], list[int]]], step: int) -> None:
-        """One batched generation call for ``rows`` (``(prompt_ids, gold_ids)``); the pairs enter
-        the buffer stamped with ``step``. A subclass may override this (e.g. to time the update
-        step alone on a buffer it filled itself)."""
-        started = time.perf_counter()
-        with self.ema.sampling_model() as model, self.accelerator.autocast():
-            pairs, generated = self_augmented_pairs(
-                model, rows, self.segment_generator, self.cut_generator, self.args.segment_length,
-                self.args.max_length,
-            )  # fmt: skip
-        self._metrics["sapo/generation_seconds"].append(time.perf_counter() - started)
-        self._metrics["sapo/segment_tokens"].append(float(generated))
-        tied = [pair["rejected_ids"] == pair["chosen_ids"] for pair in pairs]
-        self._metrics["sapo/tied_fraction"].append(sum(tied) / max(1, len(pairs)))
-        skip = self.args.skip_tied_pairs and (len(self.buffer) or not all(tied))  # never leave it empty
-        for pair in (pair for pair, is_tie in zip(pairs, tied) if not (skip and is_tie)):
-            self.buffer.add({**pair, "step": step})
+        def fetch(count):
+            return super(SAPOTrainer, self).get_batch_samples(epoch_iterator, count or num_batches, device)[0]
 
-    # -- 3. sample -------------------------------------------------------------------------------
+        batches, rows = self.schedule.next_step(fetch)
+        return [{"rows": rows if index == 0 else []} for index in range(len(batches))], None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """Train on a buffer batch (each distinct pair scored once); dataset rows only feed generation."""
-        pairs = self.buffer.sample(self.args.per_device_train_batch_size)
-        distinct, drawn_index = distinct_pairs(pairs)
-        collated = self.scorer.collate(distinct)
-        batch = {**collated, "drawn_index": drawn_index}
-        if self.reference is not None:
-            version = self.sapo_state.progress.reference_version
-            reused = sum(pair.get("ref_version") == version for pair in pairs)
-            self._record("sapo/reference_reuse", torch.tensor([reused / len(pairs)]))
-            with self.compute_loss_context_manager():
-                ref = reference_logps(
-                    self.reference, distinct, version, self.scorer, self.args.device, collated
-                )
-            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = (logps[drawn_index] for logps in ref)
-        return super().training_step(model, batch, num_items_in_batch)
+        """Steps 1 to 4 of the loop for one accumulation step."""
+        if inputs["rows"]:
+            self.generate_pairs(inputs["rows"], self.state.global_step)  # 1. generate, 2. buffer
+        batch = self.sample_batch()  # 3. sample
+        return super().training_step(model, batch, num_items_in_batch)  # 4. loss (compute_loss), backward
 
-    # -- 4. loss (5. backward and optimizer step: Trainer) ---------------------------------------
+    def generate_pairs(self, rows: list[tuple[list[int], list[int]]], step: int) -> None:
+        """1. and 2.: one batched generation call for ``rows`` (``(prompt_ids, gold_ids)``); the
+        pairs enter the buffer stamped with ``step``. A subclass may override this (e.g. to time
+        the update step alone on a buffer it filled itself)."""
+        started = time.perf_counter()
+        with self.ema.sampling_model() as model, self.accelerator.autocast():
+            negatives = self_augmented_pairs(
+                model, rows, self.sampler, self.cut_generator, self.args.segment_length,
+                self.args.max_length, placement=self.args.segment_placement, step=step,
+                version=self.ema.num_updates, chunk_size=self.args.logprob_chunk_size,
+            )  # fmt: skip
+        pairs = negatives.pairs
+        self._metrics["sapo/generation_seconds"].append(time.perf_counter() - started)
+        self._metrics["sapo/segment_tokens"].append(float(negatives.segment_tokens))
+        self._metrics["sapo/tied_fraction"].append(sum(pair.tied for pair in pairs) / len(pairs))
+        self._metrics["sapo/cut_position"].append(sum(negatives.cut_positions) / len(pairs))
+        if negatives.placed_probabilities is not None:
+            placed = negatives.placed_probabilities
+            self._metrics["sapo/placed_token_probability"].append(sum(placed) / len(placed))
+        # never leave the buffer empty: it must hold something to train on
+        skip = self.args.skip_tied_pairs and (len(self.buffer) or not all(pair.tied for pair in pairs))
+        for pair in pairs:
+            if not (skip and pair.tied):
+                self.buffer.add(pair)
+
+    def sample_batch(self) -> dict[str, torch.Tensor]:
+        """3.: a batch drawn from the buffer (each distinct pair scored once, counted per draw),
+        with the reference log-probs of its pairs (DPO), computed for those that have none for
+        the current reference and cached on them."""
+        positions = self.buffer.draw(self.args.per_device_train_batch_size)
+        distinct, batch = drawn_batch(
+            [self.buffer[position] for position in positions], positions, self.scorer
+        )
+        if self.reference is not None:
+            version = self.progress.reference_version
+            missing = pairs_to_score(self.reference, distinct, version)
+            reused = sum(self.buffer[position].reference_cached(version) for position in positions)
+            self._record("sapo/reference_reuse", torch.tensor([reused / len(positions)]))
+            if missing:
+                collated = batch if len(missing) == len(distinct) else None
+                with self.compute_loss_context_manager():
+                    chosen, rejected = reference_logps(
+                        self.reference, missing, self.scorer, self.args.device, collated
+                    )
+                for pair, logps in zip(missing, zip(chosen.tolist(), rejected.tolist())):
+                    pair.cache_reference(logps, version)
+            drawn = batch["drawn_index"]
+            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = (
+                torch.tensor([pair.reference_logps[side] for pair in distinct], dtype=torch.float32)[drawn]
+                for side in (0, 1)
+            )
+        return batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """DPO or ORPO on a buffer batch (rows ``[:B]`` chosen, ``[B:]`` rejected)."""
+        """4.: DPO or ORPO on a buffer batch (rows ``[:B]`` chosen, ``[B:]`` rejected)."""
         loss, metrics = preference_objective(
-            model, inputs, self.args.loss_type, self.args.beta, self.scorer.score
+            model, inputs, self.args.loss_type, self.args.beta, self.scorer.score, self.args.rpo_alpha
         )
         for name, values in metrics.items():
             self._record(name, values)
@@ -275,20 +299,16 @@ class SAPOTrainer(Trainer):
             )
         return (loss, metrics) if return_outputs else loss
 
-    # -- 6. EMA and 7. reference sync ------------------------------------------------------------
+    # -- the loop: 5. step (Trainer), 6. EMA, 7. reference sync -----------------------------------
 
     def after_optimizer_step(self, step: int) -> None:
-        """EMA update, then (DPO) copy the EMA into the reference when a sync is due."""
+        """6. EMA update, then 7. (DPO) copy the EMA into the reference when a sync is due."""
         if step % self.args.ema_update_interval == 0:
             self.ema.update(self.accelerator.unwrap_model(self.model))
-        progress = self.sapo_state.progress
-        if (
-            self.reference is not None
-            and progress.ref_model_sync_steps
-            and step % progress.ref_model_sync_steps == 0
-        ):
+        interval = self.progress.ref_model_sync_steps
+        if self.reference is not None and interval and step % interval == 0:
             self.reference.load_tensors(self.ema.tensors())
-            progress.reference_version += 1
+            self.progress.reference_version += 1
 
     # -- logging ---------------------------------------------------------------------------------
 
@@ -300,7 +320,7 @@ class SAPOTrainer(Trainer):
         if len(self.buffer) == 0:
             return {"sapo/buffer_size": 0.0}
         counts = self.buffer.times_sampled()
-        ages = [self.state.global_step - item["step"] for item in self.buffer.items()]
+        ages = [self.state.global_step - pair.step for pair in self.buffer.items()]
         return {
             "sapo/buffer_size": float(len(self.buffer)),
             "sapo/mean_times_sampled": sum(counts) / len(counts),
@@ -329,13 +349,18 @@ class SAPOTrainer(Trainer):
     # -- checkpoints (SAPO's part: sapo.checkpoints) ---------------------------------------------
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """Train, or resume exactly from a checkpoint that verifies (a path, or ``True``/``"last"``)."""
+        """Train, or resume exactly from a checkpoint that verifies (a path, or ``True``/``"last"``),
+        owning ``output_dir`` meanwhile: another run's work or a folder in use is refused."""
+        with checkpoints.owning_output_dir(self.args, resume_from_checkpoint, self.args.overwrite_output_dir):
+            return self._train_owned(resume_from_checkpoint, **kwargs)
+
+    def _train_owned(self, resume_from_checkpoint: str | bool | None, **kwargs):
         path = checkpoints.resolve_on_main(self.args.output_dir, resume_from_checkpoint, self.accelerator)
         if path is not None:
             checkpoints.check_same_run(
                 path, checkpoints.read_json(os.path.join(path, checkpoints.RUN_FILE)), self._run_identity()
             )
-            self.sapo_state.load(path, self.args.process_index)
+            checkpoints.load(self, path, self.args.process_index)
             reached = checkpoints.trainer_state(path)
             if 0 < self.args.max_steps <= reached.global_step:
                 # Trainer would run one more step past max_steps; a finished run only reloads
@@ -399,7 +424,7 @@ class SAPOTrainer(Trainer):
                 super()._save_checkpoint(model, trial)
             finally:
                 self._staging_dir = None
-            self.sapo_state.save(staged, self.args.process_index, is_main, self.state.global_step)
+            checkpoints.save(self, staged, self.args.process_index, is_main, self.state.global_step)
             self.accelerator.wait_for_everyone()
             if is_main:  # written last, with every file's checksum: a folder without it is not complete
                 checkpoints.seal(staged, self._run_identity())

@@ -19,13 +19,15 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import Trainer
 
+from sapo.checkpoints import owning_output_dir
 from sapo.config import SHARED_FIELDS_DOC, PreferenceConfig
 from sapo.copies.whole import CopiedReference
 from sapo.data import GOLD_IDS, PROMPT_IDS, prepare_dataset
-from sapo.generation import SegmentGenerator
 from sapo.hub import SPIN, write_model_card
 from sapo.objective import preference_objective
+from sapo.pairs import Pair
 from sapo.policy import eos_token_ids, prepare_policy
+from sapo.sampling import Sampler, evaluating
 from sapo.scoring import pair_scorer, reference_logps
 
 
@@ -79,37 +81,39 @@ SPINConfig.__doc__ = SPINConfig.__doc__.replace("{shared}", SHARED_FIELDS_DOC)
 def generate_answers(model, rows, tokenizer, args: SPINConfig, seed: int) -> list[list[int]]:
     """The model's own answer to every prompt, batched, each ending at EOS or ``max_new_tokens``."""
     eos = eos_token_ids(model, tokenizer)
-    greedy = args.temperature is None
-    sampler = SegmentGenerator(
-        tokenizer.pad_token_id,
-        eos,
-        temperature=args.temperature or 1.0,
-        top_p=1.0,
-        top_k=1 if greedy else 0,
-        seed=seed,
-    )
+    if args.temperature is None:
+        sampler = Sampler.greedy(tokenizer.pad_token_id, eos, seed=seed)
+    else:
+        sampler = Sampler(
+            tokenizer.pad_token_id, eos, temperature=args.temperature, top_p=1.0, top_k=0, seed=seed
+        )
     answers = []
-    was_training = model.training
-    model.eval()
-    for start in tqdm(range(0, len(rows), args.generation_batch_size), desc="SPIN generation", leave=False):
-        prompts = [prompt for prompt, _ in rows[start : start + args.generation_batch_size]]
-        limits = [max(1, min(args.max_new_tokens, (args.max_length or 10**9) - len(p))) for p in prompts]
-        answers.extend(sampler.generate(model, prompts, limits))
-    model.train(was_training)
+    with evaluating(model):
+        for start in tqdm(
+            range(0, len(rows), args.generation_batch_size), desc="SPIN generation", leave=False
+        ):
+            prompts = [prompt for prompt, _ in rows[start : start + args.generation_batch_size]]
+            limits = [max(1, min(args.max_new_tokens, (args.max_length or 10**9) - len(p))) for p in prompts]
+            answers.extend(sampler.generate(model, prompts, limits))
     return answers
+
+
+PAIR_IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def _as_pairs(rows: list[dict]) -> list[Pair]:
+    return [Pair(*(row[name] for name in PAIR_IDS)) for row in rows]
 
 
 class PairTrainer(Trainer):
     """DPO on a fixed dataset of pairs against a frozen reference (one SPIN iteration)."""
 
-    def __init__(
-        self, model, args: SPINConfig, pairs: Dataset, reference: CopiedReference, tokenizer, version: int
-    ):
+    def __init__(self, model, args: SPINConfig, pairs: Dataset, reference: CopiedReference, tokenizer):
         super().__init__(
-            model=model, args=args, train_dataset=pairs, data_collator=list, processing_class=tokenizer
+            model=model, args=args, train_dataset=pairs, data_collator=_as_pairs, processing_class=tokenizer
         )
         self.model_accepts_loss_kwargs = False
-        self.reference, self._version = reference, version
+        self.reference = reference
         self._scorer = pair_scorer("padded", tokenizer.pad_token_id, [model], args.max_length)
         self._metrics: dict[str, list[float]] = {}
 
@@ -117,7 +121,7 @@ class PairTrainer(Trainer):
         batch = self._scorer.collate(inputs)
         with self.compute_loss_context_manager():
             batch["ref_chosen_logps"], batch["ref_rejected_logps"] = reference_logps(
-                self.reference, inputs, self._version, self._scorer, self.args.device, batch
+                self.reference, inputs, self._scorer, self.args.device, batch
             )
         return super().training_step(model, batch, num_items_in_batch)
 
@@ -143,12 +147,20 @@ def run_spin(model, args: SPINConfig, train_dataset: Dataset, processing_class=N
     Each iteration's log is Trainer's ``log_history`` after one first entry that records the cost
     of that iteration's generation (``spin/generated_tokens``, ``spin/generation_seconds``) and the
     number of pairs it trains on (``spin/pairs``: the previous iteration's are mixed in).
+
+    The run owns ``output_dir`` meanwhile: a folder holding an earlier run's work is refused unless
+    ``overwrite_output_dir``, and one another run is using is refused (:mod:`sapo.checkpoints.ownership`).
     """
+    with owning_output_dir(args, None, args.overwrite_output_dir, can_resume=False):
+        return _iterations(model, args, train_dataset, processing_class, card_names)
+
+
+def _iterations(model, args: SPINConfig, train_dataset: Dataset, processing_class, card_names):
     model, tokenizer = prepare_policy(model, args, processing_class)
     data = prepare_dataset(train_dataset, tokenizer, args.max_length, args.max_prompt_length)
     rows = list(zip(data[PROMPT_IDS], data[GOLD_IDS]))
     histories = []
-    previous: list[dict] = []  # the last iteration's pairs, mixed into the next one
+    previous: list[Pair] = []  # the last iteration's pairs, mixed into the next one
     for iteration in range(args.spin_iterations):
         started = time.perf_counter()
         answers = generate_answers(model, rows, tokenizer, args, seed=args.seed + iteration)
@@ -157,14 +169,16 @@ def run_spin(model, args: SPINConfig, train_dataset: Dataset, processing_class=N
             "spin/generated_tokens": sum(len(answer) for answer in answers),
             "spin/generation_seconds": time.perf_counter() - started,
         }
-        current = [{"prompt_ids": p, "chosen_ids": g, "rejected_ids": a} for (p, g), a in zip(rows, answers)]
+        current = [Pair(list(p), list(g), a) for (p, g), a in zip(rows, answers)]
         generation["spin/pairs"] = len(current) + len(previous)
-        pairs = Dataset.from_list(current + previous)
+        pairs = Dataset.from_dict(
+            {name: [getattr(pair, name) for pair in current + previous] for name in PAIR_IDS}
+        )
         previous = current if args.mix_previous_iteration else []
         reference = CopiedReference(copy.deepcopy(model), args.device, args.disable_dropout)
         iteration_args = copy.deepcopy(args)
         iteration_args.output_dir = os.path.join(args.output_dir, f"iteration-{iteration + 1}")
-        trainer = PairTrainer(model, iteration_args, pairs, reference, tokenizer, version=iteration)
+        trainer = PairTrainer(model, iteration_args, pairs, reference, tokenizer)
         trainer.train()
         trainer.save_model()
         if trainer.args.should_save:

@@ -35,7 +35,7 @@ from sapo.cli.arguments import ArgumentParser, DataArguments, ModelArguments
 from sapo.cli.loading import load_model, load_rows, load_tokenizer
 from sapo.cli.report import plot_curves, results_table, settings_table
 from sapo.data import GOLD_IDS, PROMPT_IDS, prepare_dataset
-from sapo.evaluation import evaluate
+from sapo.evaluation import held_out_scores
 from sapo.policy import eos_token_ids
 
 METHODS = ("SFT", "SAPO-DPO", "SAPO-ORPO")
@@ -185,7 +185,7 @@ def run_demo(
     pairs = {split: list(zip(rows[PROMPT_IDS], rows[GOLD_IDS])) for split, rows in tokenized.items()}
 
     def score(model, split: str, progress: bool = False) -> dict[str, float]:
-        return evaluate(
+        return held_out_scores(
             model, pairs[split], tokenizer.pad_token_id, eos_token_ids(model, tokenizer), args.segment_length,
             with_accuracy=True, seed=args.seed, batch_size=256, progress=progress,
         )  # fmt: skip
@@ -265,6 +265,7 @@ def _configs(args: DemoArguments) -> dict:
             ref_model_sync_steps=args.ref_model_sync_steps,
             max_length=MAX_LENGTH,
             max_prompt_length=MAX_PROMPT_LENGTH,
+            overwrite_output_dir=args.overwrite,  # models/ of an earlier demo: refused without --overwrite
             **common(method, learning_rate),
         )
     return configs

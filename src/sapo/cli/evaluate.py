@@ -24,6 +24,8 @@ from sapo.cli.arguments import ArgumentParser, DataArguments, EvalArguments, Mod
 SUITES = ("margins", "lm-eval")
 RESULTS_FILE = "results.json"
 ADAPTER_FILE = "adapter_config.json"
+# an evaluation's result replaces an earlier one at the same path (the same command recomputes it)
+REPLACED = " (replacing the earlier file)"
 
 
 @dataclass
@@ -132,28 +134,36 @@ def evaluation_tokenizer(model_args: ModelArguments):
 def evaluation_model(model_args: ModelArguments, tokenizer, seed: int = 0):
     """The model to evaluate, in eval mode, on the GPU when there is one. A folder holding
     ``adapter_config.json`` is a LoRA adapter, loaded onto its base with peft's
-    ``AutoPeftModelForCausalLM``."""
+    ``AutoPeftModelForCausalLM`` (the base quantized and its code trusted as the flags say)."""
     import torch
 
-    from sapo.cli.loading import load_model, root_cause_message
+    from sapo.cli.loading import load_model, quantization_config, quantized_device_map, root_cause_message
 
     folder = Path(model_args.model_name_or_path).expanduser()
+    quantization = quantization_config(model_args)
     if (folder / ADAPTER_FILE).is_file():
         from peft import AutoPeftModelForCausalLM
 
-        dtype = {} if model_args.torch_dtype is None else {"dtype": model_args.torch_dtype}
+        options = {"trust_remote_code": model_args.trust_remote_code}
+        if model_args.torch_dtype is not None:
+            options["dtype"] = model_args.torch_dtype
+        if quantization is not None:
+            options.update(quantization_config=quantization, device_map=quantized_device_map())
         try:
-            model = AutoPeftModelForCausalLM.from_pretrained(str(folder), **dtype)
+            model = AutoPeftModelForCausalLM.from_pretrained(str(folder), **options)
         except Exception as error:
             raise ValueError(
                 f"model_name_or_path: cannot load the adapter in {folder}: {root_cause_message(error)}"
             ) from error
     else:
         model = load_model(model_args, tokenizer, seed=seed)
-    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    if quantization is None:  # a quantized model is placed as it loads
+        model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return model.eval()
 
 
 def _prepare_lm_eval(argv: Sequence[str]) -> Callable[[], None]:
+    from sapo.checkpoints import write_whole
     from sapo.evaluation import harness
 
     parser = ArgumentParser((LMEvalArguments, ModelArguments), "sapo eval --suite lm-eval")
@@ -179,8 +189,8 @@ def _prepare_lm_eval(argv: Sequence[str]) -> Callable[[], None]:
         print(harness.results_table(results))
         output_dir.mkdir(parents=True, exist_ok=True)
         path = output_dir / RESULTS_FILE
-        path.write_text(json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
-        print(f"wrote {path}")
+        replaced = write_whole(path, json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
+        print(f"wrote {path}{REPLACED if replaced else ''}")
         print(json.dumps({"suite": "lm-eval", "results": harness.task_metrics(results)}))
 
     return run
@@ -217,10 +227,11 @@ def _tokenized(rows, naming: str, tokenizer, max_length, max_prompt_length):
 
 def _prepare_margins(argv: Sequence[str]) -> Callable[[], None]:
     from sapo.builtin import builtin_name
+    from sapo.checkpoints import write_whole
     from sapo.cli.loading import load_rows
     from sapo.cli.report import results_table
     from sapo.data import GOLD_IDS, PROMPT_IDS
-    from sapo.evaluation import evaluate
+    from sapo.evaluation import held_out_scores
     from sapo.policy import eos_token_ids
 
     parser = ArgumentParser((EvalArguments, ModelArguments, DataArguments), "sapo eval", dataset_split="test")
@@ -239,7 +250,7 @@ def _prepare_margins(argv: Sequence[str]) -> Callable[[], None]:
     with_accuracy = builtin_name(data_args.dataset_name) is not None
 
     def run() -> None:
-        results = evaluate(
+        results = held_out_scores(
             model,
             pairs,
             tokenizer.pad_token_id,
@@ -264,7 +275,7 @@ def _prepare_margins(argv: Sequence[str]) -> Callable[[], None]:
             "seed": eval_args.seed,
             **results,
         }
-        output.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {output}")
+        replaced = write_whole(output, json.dumps(record, indent=2) + "\n")
+        print(f"wrote {output}{REPLACED if replaced else ''}")
 
     return run

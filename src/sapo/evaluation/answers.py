@@ -1,7 +1,7 @@
 """The model's own answers to chat prompts, for judges that read answers (AlpacaEval, MT-Bench).
 
 A conversation is rendered with the tokenizer's chat template, generation prompt added; answers
-are sampled in batches by :class:`sapo.generation.SegmentGenerator` (left padding, KV cache) and
+are sampled in batches by :class:`sapo.sampling.Sampler` (left padding, KV cache) and
 end where training ends an answer, at any of ``sapo.policy.eos_token_ids``. A temperature of 0
 decodes greedily.
 """
@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sapo.generation import SegmentGenerator
 from sapo.policy import eos_token_ids
+from sapo.sampling import Sampler, evaluating
 
 Conversation = Sequence[dict[str, str]]
 
@@ -52,9 +52,7 @@ def answer_conversations(
     answers = [""] * len(prompts)
     eos = eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for temperature in sorted(set(temperatures)):
             rows = [i for i, t in enumerate(temperatures) if t == temperature and limits[i] > 0]
             rows.sort(key=lambda i: -len(prompts[i]))
@@ -65,12 +63,10 @@ def answer_conversations(
                 tokens = sampler.generate(model, [prompts[i] for i in batch], [limits[i] for i in batch])
                 for i, ids in zip(batch, tokens):
                     answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
-    finally:
-        model.train(was_training)
     return answers
 
 
 def _sampler(pad_token_id: int, eos: list[int], temperature: float, top_p: float, seed: int):
-    if temperature == 0:  # greedy: sampling from the top token alone
-        return SegmentGenerator(pad_token_id, eos, temperature=1.0, top_p=1.0, top_k=1, seed=seed)
-    return SegmentGenerator(pad_token_id, eos, temperature=temperature, top_p=top_p, top_k=0, seed=seed)
+    if temperature == 0:
+        return Sampler.greedy(pad_token_id, eos, seed=seed)
+    return Sampler(pad_token_id, eos, temperature=temperature, top_p=top_p, top_k=0, seed=seed)
