@@ -127,23 +127,20 @@ def test_only_the_main_process_writes(tmp_path, tokenizer):
     assert not path.exists()
 
 
-def test_tables_go_to_the_backends_in_report_to(monkeypatch):
+def test_tables_go_only_to_the_running_backends_of_report_to(monkeypatch):
+    # the real runs of test_trackers.py show the tables W&B and trackio receive; stand-ins that log
+    # whatever they are given show what a run with both of them cannot: a backend left out of
+    # report_to, or W&B without a run, receives nothing
     logged = []
-
-    class Table:
-        def __init__(self, columns, data):
-            self.columns, self.data = columns, data
-
-    wandb = types.SimpleNamespace(
-        run=object(), Table=Table, log=lambda values: logged.append(("wandb", values))
-    )
-    trackio = types.SimpleNamespace(Table=Table, log=lambda values: logged.append(("trackio", values)))
+    wandb = types.SimpleNamespace(run=None, Table=dict, log=lambda values: logged.append(("wandb", values)))
+    trackio = types.SimpleNamespace(Table=dict, log=lambda values: logged.append(("trackio", values)))
     monkeypatch.setitem(sys.modules, "wandb", wandb)
     monkeypatch.setitem(sys.modules, "trackio", trackio)
-    records = [{"prompt": "1+1=", "rejected": "⟦3⟧"}, {"prompt": "2+2=", "rejected": "⟦5⟧"}]
+    records = [{"prompt": "1+1=", "rejected": "⟦3⟧"}]
     log_table(["tensorboard"], "sapo/pairs", records)
+    log_table(["wandb"], "sapo/pairs", records)
     assert logged == []
-    log_table(["wandb", "trackio"], "sapo/pairs", records)
-    assert [backend for backend, _ in logged] == ["wandb", "trackio"]
-    table = logged[0][1]["sapo/pairs"]
-    assert table.columns == ["prompt", "rejected"] and table.data == [["1+1=", "⟦3⟧"], ["2+2=", "⟦5⟧"]]
+    wandb.run = object()
+    log_table(["wandb"], "sapo/pairs", records)
+    table = {"columns": ["prompt", "rejected"], "data": [["1+1=", "⟦3⟧"]]}
+    assert logged == [("wandb", {"sapo/pairs": table})]  # the stand-in does log when it should
