@@ -54,9 +54,9 @@ def test_distinct_pairs_by_buffer_position_in_first_draw_order():
     assert [distinct[i] for i in index] == [*DRAWS, twin]
 
 
-def objective_and_gradients(model, batch, loss_type, score):
+def objective_and_gradients(model, batch, loss_type, score, rpo_alpha=None):
     model.zero_grad()
-    loss, metrics = preference_objective(model, batch, loss_type, 0.1, score)
+    loss, metrics = preference_objective(model, batch, loss_type, 0.1, score, rpo_alpha)
     loss.backward()
     return loss.detach(), metrics, {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -122,3 +122,45 @@ def test_trainer_steps_equal_scoring_every_draw(
     assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
     for (name, a), b in zip(once.model.named_parameters(), every.model.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_rpo_alpha_adds_the_nll_of_the_scored_chosen_tokens():
+    """DPO + rpo_alpha * NLL, the NLL over the chosen tokens past the part both answers share,
+    against a direct computation from the model's full logits: same loss, same gradients."""
+    from sapo.losses import dpo_loss
+    from sapo.scoring import pair_scorer
+
+    model = tiny_llama(TOKENIZER, seed=3, tie_word_embeddings=False)
+    scorer = pair_scorer("padded", PAD, [model], None, score_shared_prefix=False)
+    batch = scorer.collate(PAIRS)
+    batch["ref_chosen_logps"], batch["ref_rejected_logps"] = torch.randn(3), torch.randn(3)
+    alpha = 0.7
+    loss, metrics = objective_and_gradients(model, batch, "dpo", scorer.score, rpo_alpha=alpha)[:2]
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    def summed(pair, side):
+        answer = getattr(pair, side)
+        logits = model(torch.tensor([pair.prompt_ids + answer])).logits[0].float()
+        logps = torch.log_softmax(logits, -1)[len(pair.prompt_ids) - 1 : -1].gather(
+            1, torch.tensor(answer)[:, None]
+        )
+        shared = next((i for i, (a, b) in enumerate(zip(pair.chosen_ids, pair.rejected_ids)) if a != b), None)
+        shared = min(len(pair.chosen_ids), len(pair.rejected_ids)) if shared is None else shared
+        skip = max(shared, 1 - len(pair.prompt_ids))
+        return logps[skip:, 0].sum(), len(answer) - skip
+
+    model.zero_grad()
+    chosen = [summed(pair, "chosen_ids") for pair in PAIRS]
+    rejected = torch.stack([summed(pair, "rejected_ids")[0] for pair in PAIRS])
+    chosen_logps = torch.stack([logp for logp, _ in chosen])
+    nll = -chosen_logps.sum() / sum(count for _, count in chosen)
+    losses, _, _ = dpo_loss(
+        chosen_logps, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"], 0.1
+    )
+    direct = losses.mean() + alpha * nll
+    direct.backward()
+    torch.testing.assert_close(loss, direct.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(metrics["nll_loss"], nll.detach(), atol=1e-5, rtol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert "nll_loss" not in objective_and_gradients(model, batch, "dpo", scorer.score)[1]  # off by default

@@ -91,3 +91,17 @@ class ReplayBuffer:
         self._items = deque(state["items"])
         self._times_sampled = deque(int(count) for count in state["times_sampled"])
         self._generator.set_state(state["generator_state"])
+
+
+def buffer_metrics(buffer: ReplayBuffer, step: int) -> dict[str, float]:
+    """``sapo/buffer_size``, ``sapo/mean_times_sampled`` and ``sapo/mean_pair_age`` (steps since a
+    pair was generated, at optimizer step ``step``) of a buffer of :class:`~sapo.pairs.Pair`."""
+    if len(buffer) == 0:
+        return {"sapo/buffer_size": 0.0}
+    counts = buffer.times_sampled()
+    ages = [step - pair.step for pair in buffer.items()]
+    return {
+        "sapo/buffer_size": float(len(buffer)),
+        "sapo/mean_times_sampled": sum(counts) / len(counts),
+        "sapo/mean_pair_age": sum(ages) / len(ages),
+    }

@@ -42,6 +42,19 @@ class Negatives:
     cut_positions: list[float]
     placed_probabilities: list[float] | None = None
 
+    def metrics(self) -> dict[str, float]:
+        """``sapo/segment_tokens``, ``sapo/tied_fraction``, ``sapo/cut_position`` and (placed
+        cuts) ``sapo/placed_token_probability`` of this call."""
+        count = max(1, len(self.pairs))
+        metrics = {
+            "sapo/segment_tokens": float(self.segment_tokens),
+            "sapo/tied_fraction": sum(pair.tied for pair in self.pairs) / count,
+            "sapo/cut_position": sum(self.cut_positions) / count,
+        }
+        if self.placed_probabilities:
+            metrics["sapo/placed_token_probability"] = sum(self.placed_probabilities) / count
+        return metrics
+
 
 @torch.inference_mode()
 def gold_token_probabilities(
@@ -53,15 +66,17 @@ def gold_token_probabilities(
     device = next(model.parameters()).device
     input_ids = pad(sequences, padding_value=pad_token_id).to(device)
     attention_mask = pad([torch.ones_like(s) for s in sequences], padding_value=0).to(device)
-    width = input_ids.shape[1]
-    # position t predicts token t + 1: a row's gold tokens are predicted from len(prompt) - 1 on
+    # position t predicts token t + 1: a row's gold tokens are predicted from len(prompt) - 1 on,
+    # so the positions before the shortest prompt's end predict none and get no logits
+    first = max(0, min(len(prompt) for prompt, _ in rows) - 1)
+    kept = input_ids.shape[1] - first
     positions = [
-        row * width + token
+        row * kept + token - first
         for row, (prompt, gold) in enumerate(rows)
         for token in range(len(prompt) - 1, len(prompt) + len(gold) - 1)
     ]
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    targets = input_ids.roll(-1, dims=1)[..., None]
+    targets = input_ids.roll(-1, dims=1)[:, first:, None]
     index = torch.tensor(positions, dtype=torch.long, device=device)
     probabilities = position_logps(model, inputs, targets, index, chunk_size)[:, 0].exp().tolist()
     lengths = [len(gold) for _, gold in rows]

@@ -10,7 +10,7 @@ the replay buffer's to count (:class:`sapo.buffer.ReplayBuffer`), beside each en
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -31,8 +31,8 @@ class Pair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     step: int = 0
-    reference_logps: tuple[float, float] | None = field(default=None, compare=False)
-    reference_version: int | None = field(default=None, compare=False)
+    reference_logps: tuple[float, float] | None = None
+    reference_version: int | None = None
 
     @property
     def tied(self) -> bool:

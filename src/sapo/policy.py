@@ -7,6 +7,10 @@ the model in a fresh adapter; a model that already carries an adapter trains tha
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
+
 import torch
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
@@ -17,9 +21,11 @@ def prepare_policy(model, args, processing_class=None, peft_config=None):
     """Return ``(model, tokenizer)`` ready for training; the tokenizer gets a pad token if it has none."""
     if isinstance(model, str):
         model_id = model
-        model = AutoModelForCausalLM.from_pretrained(model_id, **(args.model_init_kwargs or {}))
-        if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model_id)
+        init_kwargs = args.model_init_kwargs or {}
+        model = AutoModelForCausalLM.from_pretrained(model_id, **init_kwargs)
+        if processing_class is None:  # from the same revision, with the same trust in its code
+            hub = {key: init_kwargs[key] for key in ("revision", "trust_remote_code") if key in init_kwargs}
+            processing_class = AutoTokenizer.from_pretrained(model_id, **hub)
     if processing_class is None:
         raise ValueError("processing_class (the tokenizer) is required when model is given as an instance")
     if processing_class.pad_token_id is None:
@@ -104,3 +110,18 @@ def policy_adapter_name(model) -> str:
             raise ValueError(f"the model has several active adapters {active}; SAPO trains exactly one")
         active = active[0]
     return active
+
+
+@contextlib.contextmanager
+def saving_policy_adapter_only(model) -> Iterator[None]:
+    """For the block, ``save_pretrained`` of a PEFT ``model`` writes the policy adapter alone (not
+    SAPO's EMA and reference adapters, which live on the same model); other models are unchanged."""
+    if not is_peft_model(model):
+        yield
+        return
+    save_all = model.save_pretrained
+    model.save_pretrained = functools.partial(save_all, selected_adapters=[policy_adapter_name(model)])
+    try:
+        yield
+    finally:
+        del model.save_pretrained  # back to the class's method

@@ -11,19 +11,16 @@ Per optimizer step ``t`` (gradient accumulation counts once), the paper's loop, 
 5. **step**: the optimizer step (Trainer's);
 6. **EMA** update, then 7. (DPO) **sync** the reference from the EMA when due.
 
-Steps 1 to 4 are :meth:`SAPOTrainer.training_step` (Trainer calls it once per accumulation
-step; only the first of a round's first step generates), 6 and 7 are
-:meth:`SAPOTrainer.after_optimizer_step` (called right after Trainer's step 5). Trainer keeps the
+Steps 1 to 4 are :meth:`SAPOTrainer.training_step` (once per accumulation step), 6 and 7
+:meth:`SAPOTrainer.after_optimizer_step` (right after Trainer's step 5). Trainer keeps the
 optimizer, schedule, precision, devices, logging and progress bar. SAPO's parts are this
-trainer's attributes: ``buffer``, ``ema``, ``reference``, ``sampler``, ``cut_generator``,
-``schedule`` (which rows generate when) and ``progress`` (SAPO's counters); the components they
-are built from know nothing of this class, and :mod:`sapo.checkpoints` saves and restores them.
+trainer's attributes, built from components that know nothing of it; :mod:`sapo.checkpoints`
+saves and restores them.
 """
 
 from __future__ import annotations
 
 import atexit
-import functools
 import math
 import os
 import time
@@ -37,7 +34,7 @@ from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging
 
 import sapo.checkpoints as checkpoints
-from sapo.buffer import ReplayBuffer
+from sapo.buffer import ReplayBuffer, buffer_metrics
 from sapo.config import SAPOConfig
 from sapo.copies import build_ema_and_reference, check_supported, distribute_like_policy
 from sapo.copies.teardown import release_process_group
@@ -49,11 +46,11 @@ from sapo.objective import drawn_batch, preference_objective
 from sapo.policy import (
     check_master_precision,
     eos_token_ids,
-    is_peft_model,
-    policy_adapter_name,
     prepare_policy,
+    saving_policy_adapter_only,
 )
 from sapo.sampling import Sampler
+from sapo.sampling.vllm import backend_for
 from sapo.schedule import GenerationSchedule
 from sapo.scoring import pair_scorer, pairs_to_score, reference_logps
 
@@ -64,9 +61,9 @@ logger = logging.get_logger(__name__)
 SAMPLING_SEED_OFFSET, CUT_SEED_OFFSET = 104729, 7919
 
 
-class _TrainBegin(TrainerCallback):
-    """When training starts (accelerate has now placed the policy): the trainer places its copies
-    and decides the reference sync interval."""
+class _LoopHooks(TrainerCallback):
+    """Where Trainer's loop calls SAPO's: when training starts (accelerate has now placed the
+    policy) and right after each optimizer step."""
 
     def __init__(self, trainer: SAPOTrainer):
         self.trainer = trainer
@@ -75,11 +72,6 @@ class _TrainBegin(TrainerCallback):
         self.trainer.place_copies()
         if train_dataloader is not None:
             self.trainer.decide_sync_interval(len(train_dataloader))
-
-
-class _AfterOptimizerStep(TrainerCallback):
-    def __init__(self, trainer: SAPOTrainer):
-        self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.after_optimizer_step(state.global_step)
@@ -134,15 +126,10 @@ class SAPOTrainer(Trainer):
                     args.dataset_num_proc,
                 )  # fmt: skip
         super().__init__(
-            model=model,
-            args=args,
-            data_collator=collate_rows,
-            train_dataset=train_dataset,
+            model=model, args=args, data_collator=collate_rows, train_dataset=train_dataset,
             eval_dataset=tokenized_rows(eval_dataset, processing_class, args),
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizers=optimizers,
-        )
+            processing_class=processing_class, callbacks=callbacks, optimizers=optimizers,
+        )  # fmt: skip
         # the loss is a mean over the batch: Trainer divides it by the accumulation steps
         self.model_accepts_loss_kwargs = False
 
@@ -159,7 +146,7 @@ class SAPOTrainer(Trainer):
             top_k=args.top_k,
             seed=args.seed + SAMPLING_SEED_OFFSET * (rank + 1),
             num_threads=args.generation_num_threads,
-            backend=args.generation_backend,
+            backend=backend_for(args, policy, args.max_length, seed=args.seed),  # vLLM: checked here
         )
         self.cut_generator = torch.Generator().manual_seed(args.seed + CUT_SEED_OFFSET * (rank + 1))
         self.buffer = ReplayBuffer(args.replay_buffer_size, seed=args.seed + rank)
@@ -177,8 +164,7 @@ class SAPOTrainer(Trainer):
             chunk_size=args.logprob_chunk_size, score_shared_prefix=args.loss_type != "dpo",
         )  # fmt: skip
         self._metrics: dict[str, list[float]] = defaultdict(list)
-        self.add_callback(_TrainBegin(self))
-        self.add_callback(_AfterOptimizerStep(self))
+        self.add_callback(_LoopHooks(self))
         for callback in training_callbacks(args, processing_class, lambda: self.buffer.items(), super().log):
             self.add_callback(callback)  # pairs.jsonl, lm-eval tasks (sapo.evaluation)
         if self.args.world_size > 1:
@@ -237,20 +223,17 @@ class SAPOTrainer(Trainer):
         pairs enter the buffer stamped with ``step``. A subclass may override this (e.g. to time
         the update step alone on a buffer it filled itself)."""
         started = time.perf_counter()
-        with self.ema.sampling_model() as model, self.accelerator.autocast():
+        whole = not getattr(self.sampler.backend, "reads_whole_weights_itself", False)  # vLLM: per weight
+        with self.ema.sampling_model(whole) as model, self.accelerator.autocast():
             negatives = self_augmented_pairs(
                 model, rows, self.sampler, self.cut_generator, self.args.segment_length,
                 self.args.max_length, placement=self.args.segment_placement, step=step,
                 version=self.ema.num_updates, chunk_size=self.args.logprob_chunk_size,
             )  # fmt: skip
-        pairs = negatives.pairs
         self._metrics["sapo/generation_seconds"].append(time.perf_counter() - started)
-        self._metrics["sapo/segment_tokens"].append(float(negatives.segment_tokens))
-        self._metrics["sapo/tied_fraction"].append(sum(pair.tied for pair in pairs) / len(pairs))
-        self._metrics["sapo/cut_position"].append(sum(negatives.cut_positions) / len(pairs))
-        if negatives.placed_probabilities is not None:
-            placed = negatives.placed_probabilities
-            self._metrics["sapo/placed_token_probability"].append(sum(placed) / len(placed))
+        for name, value in negatives.metrics().items():
+            self._metrics[name].append(value)
+        pairs = negatives.pairs
         # never leave the buffer empty: it must hold something to train on
         skip = self.args.skip_tied_pairs and (len(self.buffer) or not all(pair.tied for pair in pairs))
         for pair in pairs:
@@ -316,22 +299,11 @@ class SAPOTrainer(Trainer):
         values = values.detach().float().reshape(-1)
         self._metrics[name].append(self.accelerator.gather_for_metrics(values).mean().item())
 
-    def _buffer_metrics(self) -> dict[str, float]:
-        if len(self.buffer) == 0:
-            return {"sapo/buffer_size": 0.0}
-        counts = self.buffer.times_sampled()
-        ages = [self.state.global_step - pair.step for pair in self.buffer.items()]
-        return {
-            "sapo/buffer_size": float(len(self.buffer)),
-            "sapo/mean_times_sampled": sum(counts) / len(counts),
-            "sapo/mean_pair_age": sum(ages) / len(ages),
-        }
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the averaged SAPO and preference metrics recorded since the last log."""
+        """Add the averaged SAPO and preference metrics recorded since the last log, and the buffer's."""
         if self._metrics:
             logs.update({name: sum(values) / len(values) for name, values in self._metrics.items()})
-            logs.update(self._buffer_metrics())
+            logs.update(buffer_metrics(self.buffer, self.state.global_step))
             self._metrics.clear()
         super().log(logs, start_time)
 
@@ -377,15 +349,8 @@ class SAPOTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Save the model; for a PEFT policy only the policy adapter (not SAPO's EMA and reference)."""
-        policy = self.accelerator.unwrap_model(self.model)
-        if not is_peft_model(policy):
-            return super()._save(output_dir, state_dict)
-        save_all = policy.save_pretrained
-        policy.save_pretrained = functools.partial(save_all, selected_adapters=[policy_adapter_name(policy)])
-        try:
+        with saving_policy_adapter_only(self.accelerator.unwrap_model(self.model)):
             super()._save(output_dir, state_dict)
-        finally:
-            del policy.save_pretrained  # back to the class's method
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the model with its model card, ``README.md`` (checkpoints too: sealed with it)."""

@@ -56,15 +56,22 @@ def assert_same_weights(a, b):
         assert torch.equal(x, y), name
 
 
-@pytest.mark.parametrize("loss_type", ["dpo", "orpo"])
-def test_resume_is_bit_identical(tmp_path, tokenizer, loss_type):
-    full = make_trainer(tokenizer, tmp_path / "full", loss_type, save_strategy="no")
+SAPO_EXTENSIONS = {"segment_placement": "uncertain", "rpo_alpha": 1.0}
+
+
+@pytest.mark.parametrize(
+    "loss_type, options",
+    [("dpo", {}), ("orpo", {}), ("dpo", SAPO_EXTENSIONS)],
+    ids=["dpo", "orpo", "extensions"],
+)
+def test_resume_is_bit_identical(tmp_path, tokenizer, loss_type, options):
+    full = make_trainer(tokenizer, tmp_path / "full", loss_type, save_strategy="no", **options)
     full.train()
 
-    first = make_trainer(tokenizer, tmp_path / "split", loss_type, max_steps=8)
+    first = make_trainer(tokenizer, tmp_path / "split", loss_type, max_steps=8, **options)
     first.train()
-    # checkpoint-3 lies inside a generation window (windows start at steps 0, 2, 4, 6)
-    resumed = make_trainer(tokenizer, tmp_path / "split", loss_type)
+    # checkpoint-3 lies inside a generation round (rounds start at steps 0, 2, 4, 6)
+    resumed = make_trainer(tokenizer, tmp_path / "split", loss_type, **options)
     resumed.train(resume_from_checkpoint=str(tmp_path / "split" / "checkpoint-3"))
 
     assert resumed.state.global_step == 8
