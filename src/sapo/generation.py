@@ -109,7 +109,8 @@ def self_augmented_pairs(
     if placement == "uniform":
         cuts = [sample_cut(len(p), len(g), segment_length, max_length, cut_generator)[0] for p, g in rows]
     elif placement == "uncertain":
-        probabilities = gold_token_probabilities(model, rows, sampler.pad_token_id, chunk_size)
+        with sampler.threads_for(model):
+            probabilities = gold_token_probabilities(model, rows, sampler.pad_token_id, chunk_size)
         cuts, placed = [], []
         for (prompt, gold), probs in zip(rows, probabilities):
             highest = last_cut(len(prompt), len(gold), segment_length, max_length)

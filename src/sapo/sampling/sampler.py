@@ -66,6 +66,12 @@ class Sampler:
             self.pad_token_id, tuple(self.eos_token_ids), self.temperature, self.top_p, self.top_k
         )
 
+    def threads_for(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+        """The block with this sampler's CPU thread cap (``num_threads``) when ``model`` is on the
+        CPU: for other passes of the sampling model that belong to a generation call."""
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        return _intra_op_threads(self.num_threads if on_cpu else None)
+
     @torch.no_grad()
     def generate(
         self,
