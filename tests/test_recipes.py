@@ -19,6 +19,7 @@ COMMAND_OF = {
     "llama-3-8b/sapo-dpo.yaml": "train",
     "llama-3-8b/sapo-orpo.yaml": "train",
     "llama-3-8b/sapo-dpo-lora.yaml": "train",
+    "llama-3-8b/sapo-dpo-qlora.yaml": "train",
     "mistral-7b/sapo-dpo.yaml": "train",
     "mistral-7b/sapo-orpo.yaml": "train",
     "warm-start/tiny-multiplication-sft.yaml": "sft",
@@ -112,6 +113,19 @@ def test_lora_variant_keeps_the_global_batch_on_one_gpu():
     assert model_args.use_peft and model_args.lora_target_modules == ["all-linear"]
     assert config.per_device_train_batch_size * config.gradient_accumulation_steps == 64
     assert (hardware.distributed, hardware.num_gpus) == ("single", 1)
+
+
+def test_qlora_variant_is_the_lora_variant_on_a_4bit_base_for_one_24_gb_gpu():
+    config, model_args, *_, hardware = load("llama-3-8b/sapo-dpo-qlora.yaml")
+    lora_config, lora_args, *_ = load("llama-3-8b/sapo-dpo-lora.yaml")
+    assert model_args.use_peft and model_args.load_in_4bit and model_args.bnb_4bit_quant_type == "nf4"
+    assert model_args.torch_dtype == "bfloat16" and model_args.lora_target_modules == ["all-linear"]
+    assert (hardware.distributed, hardware.num_gpus, hardware.gpu_memory_gb) == ("single", 1, 24)
+    # the paper's lengths, segment, EMA and buffer; the global batch halved to fit the sampling call
+    for field in ("max_length", "max_prompt_length", "segment_length", "ema_decay", "replay_buffer_size",
+                  "beta", "learning_rate", "optim", "gradient_checkpointing"):  # fmt: skip
+        assert getattr(config, field) == getattr(lora_config, field), field
+    assert config.per_device_train_batch_size * config.gradient_accumulation_steps == 32
 
 
 TRAINING_RECIPES = sorted(name for name, command in COMMAND_OF.items() if command == "train")

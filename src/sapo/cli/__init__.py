@@ -5,7 +5,7 @@
     sapo spin  --model_name_or_path MODEL --dataset_name DATA [--field value ...]
     sapo eval  --model_name_or_path MODEL --dataset_name DATA [--field value ...]
     sapo eval  --model_name_or_path MODEL --suite lm-eval --tasks T1,T2 [--include_path DIR] [...]
-    sapo generate --suite alpaca-eval|mt-bench --model_name_or_path MODEL --prompts FILE --output FILE
+    sapo generate --suite alpaca-eval|mt-bench|arena-hard --model_name_or_path M --prompts FILE --output FILE
     sapo demo  [--output_dir sapo-demo] [--overwrite]
 
 Each command runs in two phases. ``prepare`` checks all of the input (arguments, model, data,
@@ -48,7 +48,8 @@ commands:
   spin    the SPIN baseline: each iteration trains on gold vs the model's own full answers
   eval    gold log-prob, gold-vs-own-segment margin, win rate (and exact match on built-in tasks);
           --suite lm-eval: lm-evaluation-harness tasks (IFEval, the Open LLM Leaderboard, local YAML)
-  generate  the model's answers for the AlpacaEval or MT-Bench judges (--suite alpaca-eval|mt-bench)
+  generate  the model's answers for the AlpacaEval, MT-Bench or Arena-Hard judges
+          (--suite alpaca-eval|mt-bench|arena-hard)
   demo    offline demo on a built-in task: SFT vs SAPO-DPO vs SAPO-ORPO, in minutes on a CPU
   plan    memory per device of a recipe's run (weights, EMA, reference, activations...) and whether it fits
 

@@ -8,7 +8,9 @@ the YAML file given with ``--config`` become defaults, and flags override them. 
 - YAML values go through the same converters as flags, so ``learning_rate: 5e-7`` (a string to
   YAML) becomes a float and ``per_device_train_batch_size: 8.5`` is refused;
 - an unknown key or flag fails naming the closest valid one;
-- every failure is a ``ValueError`` whose one-line message names the field; nothing exits.
+- every failure is a ``ValueError`` whose one-line message names the field; nothing exits;
+- a field two of the dataclasses share (``trust_remote_code`` of TRL's ``SFTConfig`` and of
+  ``ModelArguments``) is one flag that fills both.
 """
 
 from __future__ import annotations
@@ -56,6 +58,22 @@ class ModelArguments:
         lora_target_modules (`list[str]`, *optional*):
             Module names that get adapters, or `all-linear`; PEFT's per-architecture default when
             unset.
+        model_revision (`str`, *optional*):
+            Branch, tag or commit of a Hub model to load (its default branch when unset); pinning
+            one makes a run repeatable when the model's repository changes.
+        trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Run the Python code a model ships for its config, model or tokenizer (`auto_map` in
+            its `config.json`). Off by default: read that code before turning it on.
+        load_in_4bit (`bool`, *optional*, defaults to `False`):
+            Load the base model's linear layers quantized to 4 bits with bitsandbytes (QLoRA; needs
+            `use_peft` to train, and `pip install "sapo[qlora]"`). Computes in `torch_dtype`, or
+            float32 when it is unset or `auto`.
+        load_in_8bit (`bool`, *optional*, defaults to `False`):
+            Load the base model's linear layers quantized to 8 bits with bitsandbytes (LLM.int8).
+        bnb_4bit_quant_type (`str`, *optional*, defaults to `"nf4"`):
+            4-bit data type: `nf4` (NormalFloat, QLoRA's) or `fp4`.
+        use_bnb_nested_quant (`bool`, *optional*, defaults to `False`):
+            Quantize the 4-bit quantization constants again (about 0.37 bits per weight saved).
     """
 
     model_name_or_path: str = field(
@@ -78,12 +96,37 @@ class ModelArguments:
     lora_target_modules: list[str] | None = field(
         default=None, metadata={"help": "Module names that get adapters, or all-linear."}
     )
+    model_revision: str | None = field(
+        default=None, metadata={"help": "Branch, tag or commit of a Hub model (default branch when unset)."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run the Python code a model ships (auto_map); off by default."}
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "Quantize the base model's linear layers to 4 bits (QLoRA)."}
+    )
+    load_in_8bit: bool = field(
+        default=False, metadata={"help": "Quantize the base model's linear layers to 8 bits."}
+    )
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(
+        default="nf4", metadata={"help": "4-bit data type: nf4 or fp4."}
+    )
+    use_bnb_nested_quant: bool = field(
+        default=False, metadata={"help": "Quantize the 4-bit quantization constants again."}
+    )
 
     def __post_init__(self):
         if self.lora_r <= 0:
             raise ValueError(f"lora_r={self.lora_r}: must be a positive rank")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_8bit: choose one of load_in_4bit and load_in_8bit")
+
+    @property
+    def quantized_bits(self) -> int | None:
+        """4 or 8 when the base model is loaded quantized, else ``None``."""
+        return 4 if self.load_in_4bit else 8 if self.load_in_8bit else None
 
 
 @dataclass
@@ -142,7 +185,7 @@ class ArgumentParser(TrlParser):
     """``TrlParser`` that reports bad input as a one-line ``ValueError`` instead of exiting."""
 
     def __init__(self, dataclass_types, prog: str | None = None, **defaults: Any):
-        super().__init__(dataclass_types, prog=prog, allow_abbrev=False)
+        super().__init__(dataclass_types, prog=prog, allow_abbrev=False, conflict_handler="resolve")
         if defaults:
             self.set_defaults(**defaults)
         self.hints = {}
@@ -165,7 +208,12 @@ class ArgumentParser(TrlParser):
             path = argv[index + 1]
             del argv[index : index + 2]
             self._set_defaults_from(read_yaml(path), path)
-        *instances, remaining = self.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        namespace, remaining = self.parse_known_args(args=argv)
+        values = vars(namespace)  # a shared field's one value goes to every dataclass that has it
+        instances = [
+            kind(**{f.name: values[f.name] for f in fields(kind) if f.init and f.name in values})
+            for kind in self.dataclass_types
+        ]
         if remaining:
             flag = next((item for item in remaining if item.startswith("-")), remaining[0])
             flags = [option for action in self._actions for option in action.option_strings]

@@ -19,13 +19,14 @@ from sapo.config import check_training_arguments
 
 def prepare_train(argv: Sequence[str]) -> Callable[[], int]:
     from sapo.checkpoints import resolve as resolve_checkpoint
-    from sapo.cli.loading import load_model, load_rows, load_tokenizer, lora_config
+    from sapo.cli.loading import check_trainable, load_model, load_rows, load_tokenizer, lora_config
     from sapo.data import prepare_dataset
     from sapo.trainer import SAPOTrainer
 
     parser = ArgumentParser(train_arguments(), "sapo train")
     config, model_args, data_args, eval_data_args, _ = parser.parse(argv)  # _: PlanningArguments
     check_training_arguments(config)
+    check_trainable(model_args, "sapo train")
     # a quick check here (file sizes): the trainer's main process reads and verifies every file
     resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, config.world_size, checksums=False)
     tokenizer = load_tokenizer(model_args)
@@ -53,7 +54,14 @@ def prepare_sft(argv: Sequence[str]) -> Callable[[], int]:
     from transformers.utils import is_torch_bf16_gpu_available
     from trl import SFTConfig, SFTTrainer
 
-    from sapo.cli.loading import check_rows, load_model, load_rows, load_tokenizer, lora_config
+    from sapo.cli.loading import (
+        check_rows,
+        check_trainable,
+        load_model,
+        load_rows,
+        load_tokenizer,
+        lora_config,
+    )
 
     # SFTConfig turns bf16 on, which fails on a machine without a bf16 GPU unless asked for
     parser = ArgumentParser(
@@ -61,6 +69,7 @@ def prepare_sft(argv: Sequence[str]) -> Callable[[], int]:
     )
     config, model_args, data_args = parser.parse(argv)
     check_training_arguments(config)
+    check_trainable(model_args, "sapo sft")
     _check_checkpoint(config.resume_from_checkpoint)
     tokenizer = load_tokenizer(model_args)
     rows = load_rows(data_args)
@@ -71,12 +80,13 @@ def prepare_sft(argv: Sequence[str]) -> Callable[[], int]:
 
 def prepare_spin(argv: Sequence[str]) -> Callable[[], None]:
     from sapo.baselines.spin import SPINConfig, run_spin
-    from sapo.cli.loading import load_model, load_rows, load_tokenizer
+    from sapo.cli.loading import check_trainable, load_model, load_rows, load_tokenizer
     from sapo.data import prepare_dataset
 
     parser = ArgumentParser((SPINConfig, ModelArguments, DataArguments), "sapo spin")
     config, model_args, data_args = parser.parse(argv)
     check_training_arguments(config)
+    check_trainable(model_args, "sapo spin", adapters=False)
     tokenizer = load_tokenizer(model_args)
     rows = load_rows(data_args)
     with _naming(data_args.dataset_name):  # run_spin tokenizes again; this only checks the rows

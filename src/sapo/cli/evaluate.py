@@ -230,12 +230,15 @@ def _prepare_margins(argv: Sequence[str]) -> Callable[[], None]:
     from sapo.checkpoints import write_whole
     from sapo.cli.loading import load_rows
     from sapo.cli.report import results_table
+    from sapo.config import GenerationOptions
     from sapo.data import GOLD_IDS, PROMPT_IDS
     from sapo.evaluation import held_out_scores
     from sapo.policy import eos_token_ids
+    from sapo.sampling.vllm import backend_for
 
-    parser = ArgumentParser((EvalArguments, ModelArguments, DataArguments), "sapo eval", dataset_split="test")
-    eval_args, model_args, data_args = parser.parse(argv)
+    arguments = (EvalArguments, ModelArguments, DataArguments, GenerationOptions)
+    parser = ArgumentParser(arguments, "sapo eval", dataset_split="test")
+    eval_args, model_args, data_args, generation_args = parser.parse(argv)
     output = Path(eval_args.output_file)
     if not output.parent.is_dir():
         raise ValueError(f"output_file: no such folder: {output.parent}")
@@ -246,6 +249,7 @@ def _prepare_margins(argv: Sequence[str]) -> Callable[[], None]:
     naming = f"dataset_name: {data_args.dataset_name}"
     rows = _tokenized(rows, naming, tokenizer, eval_args.max_length, eval_args.max_prompt_length)
     model = evaluation_model(model_args, tokenizer, seed=eval_args.seed)
+    backend = backend_for(generation_args, model, eval_args.max_length, seed=eval_args.seed)
     pairs = list(zip(rows[PROMPT_IDS], rows[GOLD_IDS]))
     with_accuracy = builtin_name(data_args.dataset_name) is not None
 
@@ -263,6 +267,8 @@ def _prepare_margins(argv: Sequence[str]) -> Callable[[], None]:
             temperature=eval_args.temperature,
             top_p=eval_args.top_p,
             top_k=eval_args.top_k,
+            backend=backend,
+            version=0,  # the model's weights do not change while it is evaluated
         )
         metrics = ["gold_logp", "margin", "win_rate"] + (["accuracy"] if with_accuracy else [])
         print(results_table({model_args.model_name_or_path: results}, metrics, "model"))

@@ -1,4 +1,4 @@
-"""``sapo generate``: a model's answers, in the files that the AlpacaEval and MT-Bench judges read.
+"""``sapo generate``: a model's answers, in the files the AlpacaEval, MT-Bench and Arena-Hard judges read.
 
 - ``--suite alpaca-eval``: ``--prompts`` is a JSON list of objects with an ``instruction`` (other
   keys are kept); ``--output`` is the JSON list ``alpaca_eval --model_outputs`` takes, each object
@@ -10,6 +10,11 @@
   Defaults as FastChat's ``gen_model_answer.py``: its temperature per category (0 for math,
   coding, reasoning and extraction, 0.1 for STEM and humanities, 0.7 for writing, roleplay and
   anything else) and up to 1024 new tokens.
+- ``--suite arena-hard``: ``--prompts`` is Arena-Hard-Auto's ``question.jsonl``, version 0.1
+  (``question_id``, ``category``, ``cluster``, ``turns: [{"content"}]``) or 2.0 (``uid``,
+  ``prompt``, ...); ``--output`` is its answer file in the version read, with the metadata its
+  style control reads (:mod:`sapo.evaluation.arena_hard`). Defaults as arena-hard-auto's: greedy,
+  up to 4096 new tokens for v0.1 and 8196 for v2.0.
 
 Answers use the tokenizer's chat template and end where training ends an answer
 (:mod:`sapo.evaluation.answers`). Files are read as ``.jsonl`` (one object per line) or as one
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sapo.cli.arguments import ArgumentParser, ModelArguments
+from sapo.evaluation import arena_hard
 
 # FastChat's gen_model_answer.py: sampling temperature per MT-Bench category, 0.7 for any other
 MT_BENCH_TEMPERATURES = {
@@ -42,7 +48,7 @@ MT_BENCH_TEMPERATURES = {
 }
 MT_BENCH_DEFAULT_TEMPERATURE = 0.7
 MAX_NEW_TOKENS = {"alpaca-eval": 2048, "mt-bench": 1024}
-# shortuuid's alphabet: FastChat's answer ids are shortuuid.uuid()
+# shortuuid's alphabet: FastChat's and arena-hard-auto's answer ids are shortuuid.uuid()
 ID_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 
 
@@ -53,19 +59,21 @@ class GenerateArguments:
 
     Parameters:
         suite (`str`):
-            `alpaca-eval` or `mt-bench`: the judge whose files are read and written.
+            `alpaca-eval`, `mt-bench` or `arena-hard`: the judge whose files are read and written.
         prompts (`str`):
-            The questions: AlpacaEval's JSON list of `instruction`s, or MT-Bench's `question.jsonl`.
+            The questions: AlpacaEval's JSON list of `instruction`s, MT-Bench's `question.jsonl`,
+            or Arena-Hard-Auto's `question.jsonl` (v0.1 or v2.0).
         output (`str`):
             Where the answers are written, in the judge's format.
         generator (`str`, *optional*):
             The model's name in the output (`generator`, `model_id`); defaults to the last part of
             `model_name_or_path`.
         max_new_tokens (`int`, *optional*):
-            Longest answer per turn; 2048 for alpaca-eval, 1024 for mt-bench when unset.
+            Longest answer per turn; unset: 2048 for alpaca-eval, 1024 for mt-bench, 4096 for
+            arena-hard v0.1 and 8196 for v2.0.
         temperature (`float`, *optional*):
-            Sampling temperature of every answer, 0 for greedy; unset: greedy for alpaca-eval,
-            FastChat's per-category temperatures for mt-bench.
+            Sampling temperature of every answer, 0 for greedy; unset: greedy for alpaca-eval and
+            arena-hard, FastChat's per-category temperatures for mt-bench.
         top_p (`float`, *optional*, defaults to `1.0`):
             Nucleus sampling threshold when sampling.
         batch_size (`int`, *optional*, defaults to `16`):
@@ -76,8 +84,12 @@ class GenerateArguments:
             Answer only the first this many prompts.
     """
 
-    suite: Literal["alpaca-eval", "mt-bench"] = field(metadata={"help": "alpaca-eval or mt-bench."})
-    prompts: str = field(metadata={"help": "AlpacaEval JSON list, or MT-Bench question.jsonl."})
+    suite: Literal["alpaca-eval", "mt-bench", "arena-hard"] = field(
+        metadata={"help": "alpaca-eval, mt-bench or arena-hard."}
+    )
+    prompts: str = field(
+        metadata={"help": "AlpacaEval JSON list, or MT-Bench or Arena-Hard (v0.1, v2.0) question.jsonl."}
+    )
     output: str = field(metadata={"help": "Answers file, in the judge's format."})
     generator: str | None = field(default=None, metadata={"help": "Model name in the output."})
     max_new_tokens: int | None = field(default=None, metadata={"help": "Longest answer per turn."})
@@ -102,6 +114,12 @@ class GenerateArguments:
 
 def read_records(path: Path) -> list[Any]:
     """The objects of a ``.jsonl`` file (one per line) or of a JSON file holding one list."""
+    return [record for _, record in read_located_records(path)]
+
+
+def read_located_records(path: Path) -> list[tuple[str, Any]]:
+    """:func:`read_records`, each record with where it is: ``line N`` of a ``.jsonl`` file, or
+    ``row i`` of a JSON list."""
     if not path.is_file():
         raise ValueError(f"prompts: no such file: {path}")
     text = path.read_text(encoding="utf-8")
@@ -110,7 +128,7 @@ def read_records(path: Path) -> list[Any]:
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
+                    records.append((f"line {number}", json.loads(line)))
                 except json.JSONDecodeError as error:
                     raise ValueError(
                         f"prompts: {path}: row {len(records)} (line {number}): {error}"
@@ -122,7 +140,7 @@ def read_records(path: Path) -> list[Any]:
         raise ValueError(f"prompts: {path}: not valid JSON: {error}") from None
     if not isinstance(records, list):
         raise ValueError(f"prompts: {path}: must hold a JSON list of objects, got {type(records).__name__}")
-    return records
+    return [(f"row {index}", record) for index, record in enumerate(records)]
 
 
 def _check_text(value: Any, where: str, what: str) -> None:
@@ -155,9 +173,12 @@ def mt_bench_questions(records: list[Any], path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def answer_turns(model, tokenizer, questions, temperatures, args: GenerateArguments) -> list[list[str]]:
+def answer_turns(
+    model, tokenizer, questions, temperatures, args: GenerateArguments, backend="auto"
+) -> list[list[str]]:
     """Every question's answers, turn by turn: turn ``t`` of all questions that have one is
-    answered in one batched pass, with the earlier turns and answers in the conversation."""
+    answered in one batched pass, with the earlier turns and answers in the conversation;
+    ``backend`` samples (``--generation_backend``)."""
     from sapo.evaluation.answers import answer_conversations
 
     answers: list[list[str]] = [[] for _ in questions]
@@ -172,7 +193,7 @@ def answer_turns(model, tokenizer, questions, temperatures, args: GenerateArgume
         texts = answer_conversations(
             model, tokenizer, conversations, [temperatures[i] for i in open_questions],
             args.max_new_tokens, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed + turn,
-            progress=True,
+            progress=True, backend=backend, version=0,  # the weights stay as loaded
         )  # fmt: skip
         for i, text in zip(open_questions, texts):
             answers[i].append(text)
@@ -180,20 +201,30 @@ def answer_turns(model, tokenizer, questions, temperatures, args: GenerateArgume
 
 
 def prepare_generate(argv: Sequence[str]) -> Callable[[], None]:
-    from sapo.cli.evaluate import evaluation_model, evaluation_tokenizer
+    from sapo.checkpoints import write_whole
+    from sapo.cli.evaluate import REPLACED, evaluation_model, evaluation_tokenizer
+    from sapo.config import GenerationOptions
+    from sapo.sampling.vllm import backend_for
 
-    args, model_args = ArgumentParser((GenerateArguments, ModelArguments), "sapo generate").parse(argv)
+    parser = ArgumentParser((GenerateArguments, ModelArguments, GenerationOptions), "sapo generate")
+    args, model_args, generation_args = parser.parse(argv)
     prompts, output = Path(args.prompts), Path(args.output)
     if not output.parent.is_dir():
         raise ValueError(f"output: no such folder: {output.parent}")
     if output.resolve() == prompts.resolve():
         raise ValueError(f"output: {output} is the prompts file")
-    records = read_records(prompts)[: args.max_prompts]
+    located = read_located_records(prompts)[: args.max_prompts]
+    records = [record for _, record in located]
     if not records:
         raise ValueError(f"prompts: {prompts} holds no prompts")
+    arena_version = arena_questions = None
     if args.suite == "alpaca-eval":
         records = alpaca_eval_prompts(records, prompts)
         questions = [[record["instruction"]] for record in records]
+        temperatures = [args.temperature or 0.0] * len(records)
+    elif args.suite == "arena-hard":
+        arena_version, arena_questions = arena_hard.read_questions(located, str(prompts))
+        questions = [list(question.turns) for question in arena_questions]
         temperatures = [args.temperature or 0.0] * len(records)
     else:
         records = mt_bench_questions(records, prompts)
@@ -204,39 +235,64 @@ def prepare_generate(argv: Sequence[str]) -> Callable[[], None]:
             else MT_BENCH_TEMPERATURES.get(record.get("category"), MT_BENCH_DEFAULT_TEMPERATURE)
             for record in records
         ]
-    args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS[args.suite]
+    default_tokens = arena_hard.MAX_NEW_TOKENS[arena_version] if arena_version else MAX_NEW_TOKENS[args.suite]
+    args.max_new_tokens = args.max_new_tokens or default_tokens
     generator = args.generator or _model_name(model_args.model_name_or_path)
     tokenizer = evaluation_tokenizer(model_args)
     if tokenizer.chat_template is None:
         raise ValueError("chat_template: the tokenizer has none; set `--chat_template` (a template or file)")
     model = evaluation_model(model_args, tokenizer, seed=args.seed)
+    backend = backend_for(generation_args, model, seed=args.seed)
 
     def run() -> None:
-        answers = answer_turns(model, tokenizer, questions, temperatures, args)
+        answers = answer_turns(model, tokenizer, questions, temperatures, args, backend)
+        ids = answer_ids(len(records), args.seed)
         if args.suite == "alpaca-eval":
             outputs = [
                 {**record, "output": turns[0], "generator": generator}
                 for record, turns in zip(records, answers)
             ]
-            output.write_text(json.dumps(outputs, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            text = json.dumps(outputs, indent=2, ensure_ascii=False) + "\n"
         else:
-            ids = random.Random(args.seed)
-            lines = [
-                {
-                    "question_id": record["question_id"],
-                    "answer_id": "".join(ids.choice(ID_ALPHABET) for _ in range(22)),
-                    "model_id": generator,
-                    "choices": [{"index": 0, "turns": turns}],
-                    "tstamp": time.time(),
-                }
-                for record, turns in zip(records, answers)
-            ]
-            output.write_text(
-                "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8"
-            )
-        print(f"wrote {len(records)} answers by {generator} to {output}")
+            if args.suite == "arena-hard":
+                lines = arena_hard_lines(arena_version, arena_questions, answers, ids, generator, tokenizer)
+            else:
+                lines = [
+                    {
+                        "question_id": record["question_id"],
+                        "answer_id": answer_id,
+                        "model_id": generator,
+                        "choices": [{"index": 0, "turns": turns}],
+                        "tstamp": time.time(),
+                    }
+                    for record, turns, answer_id in zip(records, answers, ids)
+                ]
+            text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+        replaced = write_whole(output, text)  # whole: a second run at once leaves one run's answers
+        version = f" ({arena_version})" if arena_version else ""
+        earlier = REPLACED if replaced else ""
+        print(f"wrote {len(records)} answers{version} by {generator} to {output}{earlier}")
 
     return run
+
+
+def answer_ids(count: int, seed: int) -> list[str]:
+    """``count`` answer ids drawn from ``seed``: 22 characters of shortuuid's alphabet, as
+    FastChat's and arena-hard-auto's ``shortuuid.uuid()`` writes them."""
+    draws = random.Random(seed)
+    return ["".join(draws.choice(ID_ALPHABET) for _ in range(22)) for _ in range(count)]
+
+
+def arena_hard_lines(version, questions, answers, ids, generator, tokenizer) -> list[dict[str, Any]]:
+    """Arena-Hard answer lines of ``version`` in question order, each answer's ``token_len``
+    counted with the model's tokenizer."""
+    lines = []
+    for question, turns, answer_id in zip(questions, answers, ids):
+        token_lens = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in turns]
+        lines.append(
+            arena_hard.answer_line(version, question, turns, token_lens, generator, answer_id, time.time())
+        )
+    return arena_hard.in_question_order(lines, version)
 
 
 def _model_name(name: str) -> str:

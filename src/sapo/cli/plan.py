@@ -90,8 +90,10 @@ def prepare_plan(argv: Sequence[str], recipe_arguments: Callable[[], tuple[type,
     """Read the recipe with ``recipe_arguments()`` (the dataclasses of `sapo train`, this module's
     :class:`PlanningArguments` among them) and plan it; the returned callable prints the plan."""
     from sapo.cli.arguments import ArgumentParser, ModelArguments
+    from sapo.cli.loading import check_revision, loading_error
     from sapo.config import SAPOConfig
     from sapo.planning import DISTRIBUTED, Setup, load_model_config, model_shape, plan_memory
+    from sapo.planning.setup import QUANTIZED_PLACEMENTS
 
     # use_cpu: TrainingArguments would refuse bf16 on a machine without a GPU; nothing runs here
     parser = ArgumentParser(recipe_arguments(), "sapo plan", use_cpu=True)
@@ -101,21 +103,33 @@ def prepare_plan(argv: Sequence[str], recipe_arguments: Callable[[], tuple[type,
     parsed = {type(instance): instance for instance in parser.parse(argv)}
     config, model_args, hardware = parsed[SAPOConfig], parsed[ModelArguments], parsed[PlanningArguments]
     recipe = argv[list(argv).index("--config") + 1] if "--config" in argv else None
+    check_revision(model_args)
     name = _found(hardware.model_config or model_args.model_name_or_path, recipe)
-    shape = model_shape(load_model_config(name), name, model_args.attn_implementation, config.max_length)
+    trusted = model_args.trust_remote_code
+    try:
+        model_config = load_model_config(name, model_args.model_revision, trust_remote_code=trusted)
+    except ValueError as error:
+        if "trust_remote_code" in str(error):  # the same one line as `sapo train` prints
+            raise loading_error("config", name, error) from error
+        raise
+    shape = model_shape(
+        model_config, name, model_args.attn_implementation, config.max_length, trust_remote_code=trusted
+    )
     targets = model_args.lora_target_modules
     targets = "all-linear" if targets == ["all-linear"] else (tuple(targets) if targets else None)
     common = dict(
         weight_bytes=_weight_bytes(model_args.torch_dtype, shape.config_dtype),
         lora_rank=model_args.lora_r if model_args.use_peft else None,
         lora_targets=targets,
+        quantized_bits=model_args.quantized_bits,
+        nested_quantization=model_args.use_bnb_nested_quant,
     )
     placement = hardware.placement()
     setup = Setup.of_run(config, shape, distributed=placement, num_devices=hardware.num_gpus, **common)
     plan = plan_memory(shape, setup)
     devices = max(hardware.num_gpus, 2)  # the other placements, on this many devices (but single)
     others = {}
-    for option in DISTRIBUTED:
+    for option in QUANTIZED_PLACEMENTS if model_args.quantized_bits else DISTRIBUTED:
         other = Setup.of_run(config, shape, distributed=option, num_devices=devices, **common)
         others[option] = plan_memory(shape, other)
 
@@ -139,6 +153,7 @@ def plan_record(shape, setup, plan, hardware, others, recipe) -> dict:
         "model": shape.name,
         "parameters": shape.parameters,
         "distributed": setup.distributed,
+        "quantized_bits": setup.quantized_bits,
         "num_gpus": setup.num_devices,
         "gpu_memory_gb": hardware.gpu_memory_gb,
         "per_device_gb": gb(plan.peak),
@@ -157,6 +172,8 @@ def plan_table(shape, setup, plan, hardware, others, devices, recipe) -> str:
     from sapo.planning.memory import FITS_UNDER, OPTIMIZERS, PART_PHASES
 
     what = f"LoRA r={setup.lora_rank}" if setup.lora_rank else "full fine-tuning"
+    if setup.quantized_bits:
+        what = f"QLoRA r={setup.lora_rank} on a {setup.quantized_bits}-bit base"
     where = {"single": "one device", "ddp": "DDP", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3",
              "fsdp2": "FSDP2"}[setup.distributed]  # fmt: skip
     width = setup.sequence_tokens + setup.answer_tokens if setup.packed else setup.sequence_tokens

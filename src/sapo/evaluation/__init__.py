@@ -5,8 +5,10 @@
   right answer;
 - :mod:`sapo.evaluation.harness`: EleutherAI's lm-evaluation-harness on a model in memory (the
   ``sapo[eval]`` extra);
-- :mod:`sapo.evaluation.answers`: the model's answers to chat prompts, for the AlpacaEval and
-  MT-Bench judges;
+- :mod:`sapo.evaluation.answers`: the model's answers to chat prompts, for the AlpacaEval,
+  MT-Bench and Arena-Hard judges;
+- :mod:`sapo.evaluation.arena_hard`: Arena-Hard-Auto's question files (v0.1, v2.0) and the
+  answer lines its judge and style control read;
 - :mod:`sapo.evaluation.during_training`: ``SAPOTrainer.evaluate``'s held-out metrics and the
   callbacks that evaluate or log while training;
 - :mod:`sapo.evaluation.pairs`: replay-buffer pairs decoded, their rewritten span marked

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sapo.planning.quantized import base_weight_bytes, dequantized_bytes
 from sapo.planning.setup import Setup
 from sapo.planning.shape import ModelShape
 
@@ -134,7 +135,8 @@ def _resident(shape: ModelShape, setup: Setup, c: _Counts) -> dict[str, int]:
     sharded_states = n if setup.distributed in ("zero2", "zero3", "fsdp2") else 1
     parts = {"optimizer state": states * (state_bytes or c.master) * c.trainable // sharded_states}
     if setup.distributed in ("single", "ddp"):
-        parts["policy weights"] = c.weight * c.base + 4 * c.adapter
+        base = base_weight_bytes(shape, c.weight, setup.quantized_bits, setup.nested_quantization)
+        parts["policy weights"] = base + 4 * c.adapter
         parts["EMA (float32)"] = 8 * c.adapter if lora else 4 * c.base * setup.ema_on_device
         parts["reference"] = dpo * (4 * c.adapter if lora else c.weight * c.base)
         if setup.distributed == "ddp":  # DDP's gradient buckets: one more copy of the gradients
@@ -177,6 +179,9 @@ def _forward_weights(shape: ModelShape, setup: Setup, c: _Counts) -> tuple[int, 
     beside the all-gather buffers they are copied from; for full fine-tuning it keeps them until
     the backward, with LoRA it releases each layer after use (measured on CPU processes).
     """
+    if setup.quantized_bits is not None:  # one weight matrix dequantized at a time
+        dequantized = dequantized_bytes(shape, c.weight)
+        return dequantized, dequantized
     root = c.base - shape.num_layers * shape.layer_parameters  # embeddings, head, final norm
     if setup.distributed == "zero3":
         start = 2 * c.engine * min(c.base, DEEPSPEED_MAX_LIVE_PARAMETERS)
@@ -263,6 +268,8 @@ def _sampling(shape: ModelShape, setup: Setup, c: _Counts) -> tuple[int, int]:
     kv_cache = rows * length * shape.num_layers * 2 * shape.key_value_size * sample
     prefill = rows * prefix * (shape.hidden_size + 3 * shape.intermediate_size) * sample
     prefill += rows * prefix * prefix * (1 if sample == 2 else 5) + rows * shape.vocab_size * 12
+    if setup.quantized_bits is not None:
+        prefill += dequantized_bytes(shape, c.weight)
     return gathered, kv_cache + prefill
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from sapo.planning.shape import ModelShape
 
 DISTRIBUTED = ("single", "ddp", "zero2", "zero3", "fsdp2")
+QUANTIZED_PLACEMENTS = ("single", "ddp")
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,8 @@ class Setup:
     ``answer_tokens``; a packed pair is at most ``sequence_tokens + answer_tokens`` wide (the
     rejected tail as long as the gold one) and has ``2 * answer_tokens`` scored positions.
     ``logit_chunk``: positions per chunk of the LM head (``sapo.logprobs``), ``None`` for whole logits.
+    ``quantized_bits``: 4 or 8 when the base is loaded quantized by bitsandbytes (QLoRA), planned
+    on one device or under DDP (:mod:`sapo.planning.quantized`).
     """
 
     distributed: str = "single"
@@ -26,6 +29,8 @@ class Setup:
     optimizer: str = "adamw_torch"
     lora_rank: int | None = None
     lora_targets: str | tuple[str, ...] | None = None
+    quantized_bits: int | None = None
+    nested_quantization: bool = False
     loss_type: str = "dpo"
     gradient_checkpointing: bool = True
     pairs_per_step: int = 8
@@ -48,6 +53,14 @@ class Setup:
             )
         if not 0 < self.answer_tokens < self.sequence_tokens:
             raise ValueError(f"answer_tokens={self.answer_tokens}: must be in [1, sequence_tokens)")
+        if self.quantized_bits is not None:
+            if self.lora_rank is None:
+                raise ValueError(f"load_in_{self.quantized_bits}bit: a quantized base trains LoRA only")
+            if self.distributed not in QUANTIZED_PLACEMENTS:
+                raise ValueError(
+                    f"distributed={self.distributed!r}: a quantized base is planned on one device or "
+                    "under DDP (single, ddp)"
+                )
 
     @classmethod
     def of_run(
@@ -60,6 +73,8 @@ class Setup:
         weight_bytes: int,
         lora_rank: int | None = None,
         lora_targets: str | tuple[str, ...] | None = None,
+        quantized_bits: int | None = None,
+        nested_quantization: bool = False,
         sequence_tokens: int | None = None,
         answer_tokens: int | None = None,
         device: str = "cuda",
@@ -75,6 +90,8 @@ class Setup:
             optimizer=str(getattr(args.optim, "value", args.optim)),
             lora_rank=lora_rank,
             lora_targets=lora_targets,
+            quantized_bits=quantized_bits,
+            nested_quantization=nested_quantization,
             loss_type=args.loss_type,
             gradient_checkpointing=args.gradient_checkpointing,
             pairs_per_step=args.per_device_train_batch_size,

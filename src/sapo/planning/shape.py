@@ -67,9 +67,12 @@ class ModelShape:
         return [layer for layer in self.linear_layers if layer.name.split(".")[-1] in targets]
 
 
-def load_model_config(name: str) -> PretrainedConfig:
-    """The config of ``name``: a ``config.json`` file, a folder holding one, a cached Hub id, or a
-    built-in model (``builtin:tiny``, ...). Never downloads; ``ValueError`` naming it otherwise."""
+def load_model_config(
+    name: str, revision: str | None = None, trust_remote_code: bool = False
+) -> PretrainedConfig:
+    """The config of ``name``: a ``config.json`` file, a folder holding one, a cached Hub id (at
+    ``revision``), or a built-in model (``builtin:tiny``, ...); a config class the model ships runs
+    only with ``trust_remote_code``. Never downloads; ``ValueError`` naming it otherwise."""
     builtin = builtin_name(name)
     if builtin is not None:
         if builtin in BUILTIN_CHECKPOINTS:
@@ -78,8 +81,11 @@ def load_model_config(name: str) -> PretrainedConfig:
 
         with torch.device("meta"):
             return tiny_llama(char_tokenizer(), builtin).config
+    hub = {"revision": revision} if revision is not None else {}
     try:
-        return AutoConfig.from_pretrained(name, local_files_only=True)
+        return AutoConfig.from_pretrained(
+            name, local_files_only=True, trust_remote_code=trust_remote_code, **hub
+        )
     except Exception as error:
         raise ValueError(
             f"model_config: cannot read a model config from {name!r} offline: {' '.join(str(error).split())}"
@@ -91,13 +97,16 @@ def model_shape(
     name: str = "",
     attn_implementation: str | None = None,
     max_length: int | None = None,
+    trust_remote_code: bool = False,
 ) -> ModelShape:
     """Measure the model ``config`` describes, built on the meta device (no memory, no weights),
-    with ``attn_implementation`` (default: transformers') for sequences up to ``max_length``."""
+    with ``attn_implementation`` (default: transformers') for sequences up to ``max_length``; a
+    model class the model ships is built only with ``trust_remote_code``."""
     from sapo.logprobs import chunkable_head
     from sapo.packing import supports_packing
 
     options = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    options["trust_remote_code"] = trust_remote_code
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, **options)
     params = list(model.parameters())  # tied weights appear once
