@@ -156,6 +156,25 @@ class DataArguments:
     )
 
 
+@dataclass
+class OverwriteArguments:
+    r"""
+    Whether `sapo sft` may replace an earlier run in its `output_dir` (`SAPOConfig` and
+    `SPINConfig` have this field; TRL's `SFTConfig` lost it when transformers 5 dropped it).
+
+    Parameters:
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Start a new run in an `output_dir` that holds an earlier run's checkpoints or saved
+            model, removing them first (a warning names them). Off, such a folder is refused
+            unless the run resumes it (`sapo.checkpoints.ownership`).
+    """
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the checkpoints and model an earlier run left in output_dir."},
+    )
+
+
 def read_yaml(path: str) -> dict[str, Any]:
     """The mapping stored in a YAML file; ``ValueError`` naming the file otherwise."""
     source = Path(path)

@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
-from sapo.cli.arguments import ArgumentParser, DataArguments, ModelArguments
+from sapo.cli.arguments import ArgumentParser, DataArguments, ModelArguments, OverwriteArguments
 from sapo.cli.evaluate import EvalDataArguments, load_eval_rows, prepare_eval
 from sapo.cli.generate import prepare_generate
 from sapo.cli.plan import PlanningArguments, prepare_plan
@@ -18,6 +18,7 @@ from sapo.config import check_training_arguments
 
 
 def prepare_train(argv: Sequence[str]) -> Callable[[], int]:
+    from sapo.checkpoints import check_output_dir
     from sapo.checkpoints import resolve as resolve_checkpoint
     from sapo.cli.loading import check_trainable, load_model, load_rows, load_tokenizer, lora_config
     from sapo.data import prepare_dataset
@@ -27,6 +28,10 @@ def prepare_train(argv: Sequence[str]) -> Callable[[], int]:
     config, model_args, data_args, eval_data_args, _ = parser.parse(argv)  # _: PlanningArguments
     check_training_arguments(config)
     check_trainable(model_args, "sapo train")
+    check_output_dir(
+        config.output_dir, config.resume_from_checkpoint, config.overwrite_output_dir,
+        main_process=config.process_index == 0,
+    )  # fmt: skip
     # a quick check here (file sizes): the trainer's main process reads and verifies every file
     resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, config.world_size, checksums=False)
     tokenizer = load_tokenizer(model_args)
@@ -39,7 +44,10 @@ def prepare_train(argv: Sequence[str]) -> Callable[[], int]:
     model = load_model(model_args, tokenizer, seed=config.seed)
     names = {"base_model": model_args.model_name_or_path, "dataset_name": data_args.dataset_name}
     peft_config = lora_config(model_args)
-    return _training_job(SAPOTrainer, model, config, rows, tokenizer, peft_config, eval_rows, names)
+    return _training_job(
+        SAPOTrainer, model, config, rows, tokenizer, peft_config, eval_rows, names,
+        overwrite=config.overwrite_output_dir,
+    )  # fmt: skip
 
 
 def train_arguments() -> tuple[type, ...]:
@@ -54,6 +62,7 @@ def prepare_sft(argv: Sequence[str]) -> Callable[[], int]:
     from transformers.utils import is_torch_bf16_gpu_available
     from trl import SFTConfig, SFTTrainer
 
+    from sapo.checkpoints import check_output_dir
     from sapo.cli.loading import (
         check_rows,
         check_trainable,
@@ -65,21 +74,31 @@ def prepare_sft(argv: Sequence[str]) -> Callable[[], int]:
 
     # SFTConfig turns bf16 on, which fails on a machine without a bf16 GPU unless asked for
     parser = ArgumentParser(
-        (SFTConfig, ModelArguments, DataArguments), "sapo sft", bf16=is_torch_bf16_gpu_available()
+        (SFTConfig, ModelArguments, DataArguments, OverwriteArguments),
+        "sapo sft",
+        bf16=is_torch_bf16_gpu_available(),
     )
-    config, model_args, data_args = parser.parse(argv)
+    config, model_args, data_args, overwrite_args = parser.parse(argv)
     check_training_arguments(config)
     check_trainable(model_args, "sapo sft")
-    _check_checkpoint(config.resume_from_checkpoint)
+    config.resume_from_checkpoint = _sft_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    check_output_dir(
+        config.output_dir, config.resume_from_checkpoint, overwrite_args.overwrite_output_dir,
+        main_process=config.process_index == 0,
+    )  # fmt: skip
     tokenizer = load_tokenizer(model_args)
     rows = load_rows(data_args)
     check_rows(rows, data_args.dataset_name)
     model = load_model(model_args, tokenizer, seed=config.seed)
-    return _training_job(SFTTrainer, model, config, rows, tokenizer, lora_config(model_args))
+    return _training_job(
+        SFTTrainer, model, config, rows, tokenizer, lora_config(model_args),
+        overwrite=overwrite_args.overwrite_output_dir,
+    )  # fmt: skip
 
 
 def prepare_spin(argv: Sequence[str]) -> Callable[[], None]:
     from sapo.baselines.spin import SPINConfig, run_spin
+    from sapo.checkpoints import check_output_dir
     from sapo.cli.loading import check_trainable, load_model, load_rows, load_tokenizer
     from sapo.data import prepare_dataset
 
@@ -87,6 +106,10 @@ def prepare_spin(argv: Sequence[str]) -> Callable[[], None]:
     config, model_args, data_args = parser.parse(argv)
     check_training_arguments(config)
     check_trainable(model_args, "sapo spin", adapters=False)
+    check_output_dir(
+        config.output_dir, None, config.overwrite_output_dir, can_resume=False,
+        main_process=config.process_index == 0,
+    )  # fmt: skip
     tokenizer = load_tokenizer(model_args)
     rows = load_rows(data_args)
     with _naming(data_args.dataset_name):  # run_spin tokenizes again; this only checks the rows
@@ -129,14 +152,26 @@ def _naming(dataset_name: str) -> Iterator[None]:
 
 
 def _training_job(
-    trainer_class, model, config, rows, tokenizer, peft_config, eval_rows=None, card_names=None
+    trainer_class,
+    model,
+    config,
+    rows,
+    tokenizer,
+    peft_config,
+    eval_rows=None,
+    card_names=None,
+    *,
+    overwrite: bool = False,
 ) -> Callable[[], int]:
     """Build the trainer now (so its errors count as bad input), train and save when run;
     ``card_names`` (the model and data as the command named them) go into the model card.
 
+    The run owns ``output_dir`` from before training to after the final save, ``overwrite``
+    replacing an earlier run's work there (:mod:`sapo.checkpoints.ownership`).
+
     SIGTERM or SIGINT during training writes a checkpoint after the current step and ends the run
     with 143 or 130 instead of saving the model (:mod:`sapo.checkpoints.preemption`)."""
-    from sapo.checkpoints import stop_on_signals, writing
+    from sapo.checkpoints import owning_output_dir, stop_on_signals, writing
 
     with _removing_new_folder(config.output_dir):
         trainer = trainer_class(
@@ -145,7 +180,8 @@ def _training_job(
         )  # fmt: skip
 
     def run() -> int:
-        with stop_on_signals(trainer) as stop:
+        owning = owning_output_dir(config, config.resume_from_checkpoint, overwrite)
+        with owning, stop_on_signals(trainer) as stop:
             trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
             if stop.stopped_at is None:
                 with writing("the model", config.output_dir):
@@ -174,6 +210,16 @@ def _removing_new_folder(path: str) -> Iterator[None]:
         raise
 
 
-def _check_checkpoint(path: str | None) -> None:
-    if path is not None and not os.path.isdir(path):
-        raise ValueError(f"resume_from_checkpoint: no such checkpoint folder: {path}")
+def _sft_checkpoint(output_dir: str, requested: str | None) -> str | None:
+    """The checkpoint `sapo sft` resumes: a folder, or for ``last`` the newest ``checkpoint-N``
+    of ``output_dir``."""
+    if requested == "last":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        newest = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if newest is None:
+            raise ValueError(f"resume_from_checkpoint: no checkpoint in {output_dir}")
+        return newest
+    if requested is not None and not os.path.isdir(requested):
+        raise ValueError(f"resume_from_checkpoint: no such checkpoint folder: {requested}")
+    return requested
