@@ -162,13 +162,13 @@ def test_every_training_recipe_fits_the_hardware_it_names(name, capsys, monkeypa
 
 def test_chat_template_renders_the_prompt_as_a_prefix():
     from sapo.builtin.tiny import char_tokenizer
-    from sapo.data import tokenize_row
+    from sapo.data import tokenize_rows
 
     _, model_args, *_ = load("llama-3-8b/sapo-orpo.yaml")
     tokenizer = char_tokenizer()  # stands in for the Llama tokenizer: same template, EOS <|end|>
     tokenizer.chat_template = model_args.chat_template
-    prompt_ids, gold_ids = tokenize_row(
-        [{"role": "user", "content": "2+2="}], {"role": "assistant", "content": "4"}, tokenizer
+    (prompt_ids,), (gold_ids,) = tokenize_rows(
+        [[{"role": "user", "content": "2+2="}]], [{"role": "assistant", "content": "4"}], tokenizer
     )
     assert tokenizer.decode(prompt_ids) == "<|user|>\n2+2=<|end|>\n<|assistant|>\n"
     assert tokenizer.decode(gold_ids) == "4<|end|>"

@@ -80,12 +80,6 @@ def split_row(row: dict[str, Any], index: int) -> tuple[Any, Any]:
     return prompt, answer
 
 
-def tokenize_row(prompt: Any, answer: Any, tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids of the prompt and of the gold answer (ending in EOS)."""
-    (prompt_ids,), (gold_ids,) = tokenize_rows([prompt], [answer], tokenizer)
-    return prompt_ids, gold_ids
-
-
 def tokenize_rows(
     prompts: Sequence[Any], answers: Sequence[Any], tokenizer, indices: Sequence[int] | None = None
 ) -> tuple[list[list[int]], list[list[int]]]:

@@ -10,7 +10,6 @@ from sapo.checkpoints.files import CheckpointError
 from sapo.checkpoints.verify import Verdict, inspect
 
 logger = logging.get_logger(__name__)
-_WARNED: set[str] = set()
 
 
 def is_complete(directory: str | Path, world_size: int | None = None) -> bool:
@@ -72,7 +71,7 @@ def _newest_that_verifies(output_dir: Path, world_size: int | None, checksums: b
         if verdict.problem is None:
             _warn_if_unverified(folder, verdict, checksums)
             return str(folder)
-        _warn_once(f"resume_from_checkpoint='last': skipping {folder}: it {verdict.problem}")
+        logger.warning_once(f"resume_from_checkpoint='last': skipping {folder}: it {verdict.problem}")
         skipped.append(folder.name)
     passed_over = f" ({', '.join(skipped)}: see the warnings above)" if skipped else ""
     raise CheckpointError(f"resume_from_checkpoint: no complete checkpoint in {output_dir}{passed_over}")
@@ -80,13 +79,7 @@ def _newest_that_verifies(output_dir: Path, world_size: int | None, checksums: b
 
 def _warn_if_unverified(folder: str | Path, verdict: Verdict, checksums: bool) -> None:
     if checksums and not verdict.verified:
-        _warn_once(
+        logger.warning_once(
             f"{folder} was written without checksums (by an earlier sapo): it could not be verified; "
             "resuming it as it is"
         )
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        logger.warning(message)

@@ -16,6 +16,7 @@ whole zip archive) and the verdict says it was not verified.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import zipfile
@@ -102,24 +103,22 @@ def inspect(directory: str | Path, world_size: int | None = None, checksums: boo
     if not checksums and record.get(FILES) is not None:
         problem = _record_problem(directory, record[FILES], checksums=False)
         return Verdict(problem and f"is damaged: {problem}", verified=False)
-    return _contents_verdict(directory, record.get(FILES))
-
-
-_VERDICTS: dict[tuple, Verdict] = {}
-
-
-def _contents_verdict(directory: Path, files: Any) -> Verdict:
-    """Whether each file is as :func:`seal` recorded it (``files``), or, without a record, looks whole.
-
-    Verifying reads every byte; a folder whose files kept their sizes and modification times
-    since it was verified in this process is not read again.
-    """
     listing = tuple((name, *_size_and_time(directory / name)) for name in _relative_files(directory))
-    key = (str(directory.resolve()), listing)
-    if key not in _VERDICTS:
-        problem = _shape_problem(directory) if files is None else _record_problem(directory, files)
-        _VERDICTS[key] = Verdict(problem and f"is damaged: {problem}", verified=files is not None)
-    return _VERDICTS[key]
+    return _contents_verdict(str(directory.resolve()), listing)
+
+
+@functools.lru_cache(maxsize=256)
+def _contents_verdict(directory: str, listing: tuple) -> Verdict:
+    """Whether each file of ``directory`` is as :func:`seal` recorded it, or, without a record,
+    looks whole.
+
+    Verifying reads every byte; a folder whose files kept their ``listing`` (names, sizes and
+    modification times) since it was verified in this process is not read again.
+    """
+    folder = Path(directory)
+    files = read_json(folder / RUN_FILE).get(FILES)
+    problem = _shape_problem(folder) if files is None else _record_problem(folder, files)
+    return Verdict(problem and f"is damaged: {problem}", verified=files is not None)
 
 
 def missing_file(directory: str | Path, record: dict[str, Any], world_size: int | None = None) -> str | None:
