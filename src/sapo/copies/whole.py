@@ -14,7 +14,27 @@ from sapo.copies.weights import copy_weights, zip_named
 from sapo.ema import check_decay, move_average
 
 
-class EMAModel:
+class _WholeWeights:
+    """Weight access of a whole copy on one device (``self.model``): its parts are its weights."""
+
+    sharded = False  # a whole copy on one device
+    model: nn.Module
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The weights, one entry per distinct parameter (tied weights once)."""
+        return dict(self.model.named_parameters())
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        copy_weights(tensors, dict(self.model.named_parameters()))
+
+    def full_tensors(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        return self.tensors() if keep else {}
+
+    def load_full_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.load_tensors(tensors)
+
+
+class EMAModel(_WholeWeights):
     """A float32 copy of a model whose weights track the policy's moving average; the whole-copy
     home of :class:`sapo.copies.contract.EMA`.
 
@@ -24,8 +44,6 @@ class EMAModel:
         device: where the average lives (defaults to the policy's device); ``"cpu"`` keeps it off
             the accelerator for large models.
     """
-
-    sharded = False  # a whole copy on one device
 
     def __init__(self, model: nn.Module, decay: float, device: torch.device | str | None = None):
         check_decay(decay)
@@ -43,50 +61,19 @@ class EMAModel:
             move_average(average, current, self.decay)
         self.num_updates += 1
 
-    def sampling_model(self):
-        """The model to generate with: the float32 average itself."""
+    def sampling_model(self, whole: bool = True):
+        """The model to generate with: the float32 average itself (always whole)."""
         return contextlib.nullcontext(self.model)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The averaged weights (float32), one entry per distinct parameter (tied weights once)."""
-        return dict(self.model.named_parameters())
 
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        copy_weights(tensors, dict(self.model.named_parameters()))
-
-    def full_tensors(self, keep: bool = True) -> dict[str, torch.Tensor]:
-        return self.tensors() if keep else {}
-
-    def load_full_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.load_tensors(tensors)
-
-
-class CopiedReference:
+class CopiedReference(_WholeWeights):
     """A frozen full model used only to score responses; implements
     :class:`sapo.copies.contract.Reference`."""
 
-    sharded = False
-
     def __init__(self, model: torch.nn.Module, device, disable_dropout: bool = True):
-        self._model = model.to(device).eval().requires_grad_(False)
+        self.model = model.to(device).eval().requires_grad_(False)
         if disable_dropout:
-            disable_dropout_in_model(self._model)
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self._model
+            disable_dropout_in_model(self.model)
 
     def scoring_model(self):
-        return contextlib.nullcontext(self._model)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self._model.named_parameters())
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        copy_weights(tensors, dict(self._model.named_parameters()))
-
-    def full_tensors(self, keep: bool = True) -> dict[str, torch.Tensor]:
-        return self.tensors() if keep else {}
-
-    def load_full_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.load_tensors(tensors)
+        return contextlib.nullcontext(self.model)
