@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sapo.sampling import evaluating
+
 INSTALL_HINT = "pip install 'sapo[eval]'"
 
 
@@ -113,21 +115,18 @@ def run_tasks(
     lm_eval = require_harness()
     from lm_eval.models.huggingface import HFLM
 
-    was_training = model.training
-    with _kept_random_state(next(model.parameters()).device):
-        try:
-            wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-            return lm_eval.simple_evaluate(
-                model=wrapped,
-                tasks=list(tasks),
-                task_manager=manager,
-                limit=limit,
-                num_fewshot=num_fewshot,
-                apply_chat_template=apply_chat_template,
-                log_samples=False,
-            )
-        finally:
-            model.train(was_training)
+    # HFLM puts the model in eval mode; evaluating() puts it back in the mode it was in
+    with _kept_random_state(next(model.parameters()).device), evaluating(model):
+        wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        return lm_eval.simple_evaluate(
+            model=wrapped,
+            tasks=list(tasks),
+            task_manager=manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            apply_chat_template=apply_chat_template,
+            log_samples=False,
+        )
 
 
 @contextlib.contextmanager
