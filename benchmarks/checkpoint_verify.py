@@ -10,10 +10,10 @@ and times, through public hooks only:
   on that folder, the same reads and hashing that :func:`sapo.checkpoints.inspect` does when a run
   resumes (the files are in the page cache, as right after a write).
 
-    python benchmarks/checkpoint_verify.py
+    python -m benchmarks.checkpoint_verify
 
 Last line: one JSON object with ``parameters``, ``checkpoint_bytes``, ``write_seconds``,
-``checksum_seconds``, ``checksum_share_of_write`` and ``checksum_gb_per_second``.
+``checksum_seconds``, ``checksum_share_of_write``, ``checksum_gb_per_second`` and the machine.
 """
 
 from __future__ import annotations
@@ -22,13 +22,18 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+if not __package__:  # started as a file: run as the module (benchmarks/__init__.py)
+    os.execv(sys.executable, [sys.executable, "-m", "benchmarks.checkpoint_verify", *sys.argv[1:]])
+
 from datasets import Dataset
 from transformers import TrainerCallback
 
+from benchmarks import harness
 from sapo import SAPOConfig, SAPOTrainer
 from sapo.builtin.settings import tiny_run_args
 from sapo.builtin.tiny import char_tokenizer, tiny_llama
@@ -53,6 +58,7 @@ def main() -> dict:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    load_before = harness.load_average()
 
     tokenizer = char_tokenizer()
     model = tiny_llama(
@@ -88,9 +94,10 @@ def main() -> dict:
         "checksum_seconds": round(checksum, 3),
         "checksum_share_of_write": round(checksum / timer.seconds, 3),
         "checksum_gb_per_second": round(size / checksum / 1e9, 2),
-        "cpus": os.cpu_count(),
+        "machine": harness.machine(load_before),
     }
     print(f"{parameters / 1e6:.1f}M parameters, checkpoint {size / 1e6:.0f} MB")
+    print(harness.describe(result["machine"]))
     print(f"write (checksums included): {timer.seconds:.2f} s; checksums alone: {checksum:.2f} s")
     print(json.dumps(result))
     return result

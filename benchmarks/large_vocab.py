@@ -1,4 +1,4 @@
-"""Time and peak memory of SAPO's update step against TRL's DPO step at a real vocabulary (151,936).
+"""Time and peak memory of SAPO's update step and whole step against TRL's DPO step, vocabulary 151,936.
 
 At such vocabularies the language-model head dominates a preference step: ``benchmarks/
 step_time.py``'s 102-token vocabulary hides it. Both trainers get a config-built Llama whose
@@ -13,6 +13,11 @@ settings (AdamW, float32, an explicit reference model), each through its trainer
 - ``sapo_update``: ``SAPOTrainer`` (DPO) with its defaults, on a buffer filled with the same pairs
   and a ``generate_pairs`` that does nothing (``step_time.UpdateOnlyTrainer``): the update step
   alone (loss, optimizer, EMA update);
+- ``sapo_total``: ``SAPOTrainer`` with its defaults, generating its own pairs from the same rows
+  (the EMA model rewrites a 128-token segment of each gold answer at a uniform cut, sampled by
+  SAPO's loop, then the update step): the whole SAPO step. The last line's ``total_vs_trl_dpo``
+  is its median step over TRL's, with the generation seconds per step and the segment tokens per
+  second of generation (SAPO's logged ``sapo/generation_seconds`` and ``sapo/segment_tokens``);
 - ``sapo_update_unchunked`` (not run by default): the same with ``logprob_chunk_size=0``, the
   LM head over all scored positions at once;
 - ``scoring`` and ``scoring_full_sums`` (not run by default): the policy's packed scoring alone, a
@@ -22,18 +27,20 @@ settings (AdamW, float32, an explicit reference model), each through its trainer
   out saves.
 
 Every configuration runs in a fresh Python process (``baseline`` builds the model and the pairs
-and does not train), so that peaks do not mix, with ``MALLOC_MMAP_THRESHOLD_=65536`` so that the
-peak follows the tensors alive (``benchmarks/memory.py``). Memory is the process's peak resident
-set size above the baseline's; time is the median over the measured steps of Trainer's
-``get_batch_samples`` plus ``on_step_begin`` → ``on_step_end`` (``step_time_parts.StepTimer``),
-wall-clock and CPU. "head positions" are the positions whose logits a step's policy forward
+and does not train), so that peaks do not mix (:mod:`benchmarks.harness`). Memory is the
+process's peak resident memory above the baseline's; time is the median over the measured steps
+of ``step_time_parts.StepTimer`` (a ``TrainerCallback``: the batch fetch plus ``on_step_begin`` →
+``on_step_end``), wall-clock and CPU. "head positions" are the positions whose logits a step's policy forward
 computes per pair: TRL's fused head scores every position of both rows on CPU (its compact mode,
 completion positions only, needs Triton: a GPU), SAPO the positions after the shared prefix.
 The last line printed is one JSON object.
 
-    python benchmarks/large_vocab.py            # default setting: 4 minutes on 2 quiet cores, 18 on busy ones
-    python benchmarks/large_vocab.py --quick    # a small vocabulary and short pairs: checks that it runs
-    python benchmarks/large_vocab.py --configs trl_dpo sapo_update sapo_update_unchunked
+    python -m benchmarks.large_vocab            # default setting: 4 minutes on 2 quiet cores, 18 on busy ones
+    python -m benchmarks.large_vocab --quick    # a small vocabulary and short pairs: checks that it runs
+    python -m benchmarks.large_vocab --configs trl_dpo sapo_update sapo_update_unchunked
+
+A SAPO configuration is one entry of ``SAPO_OPTIONS``: the options ``step_time.build_sapo`` gets
+(``generate``: whether the trainer samples its own pairs, then ``SAPOConfig`` fields).
 """
 
 from __future__ import annotations
@@ -41,20 +48,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from types import SimpleNamespace
 
-from memory_worker import peak_rss_mib
+if not __package__:  # started as a file: run as the module (benchmarks/__init__.py)
+    os.execv(sys.executable, [sys.executable, "-m", "benchmarks.large_vocab", *sys.argv[1:]])
 
-CONFIGS = ("baseline", "trl_dpo", "sapo_update", "sapo_update_unchunked", "scoring", "scoring_full_sums")
-DEFAULT_CONFIGS = ("trl_dpo", "sapo_update")
-SAPO_OPTIONS = {"sapo_update": {}, "sapo_update_unchunked": {"logprob_chunk_size": 0}}
+from benchmarks import harness
+
+SAPO_OPTIONS = {
+    "sapo_update": {"generate": False},
+    "sapo_update_unchunked": {"generate": False, "logprob_chunk_size": 0},
+    "sapo_total": {"generate": True},
+}
+CONFIGS = ("baseline", "trl_dpo", *SAPO_OPTIONS, "scoring", "scoring_full_sums")
+DEFAULT_CONFIGS = ("trl_dpo", "sapo_update", "sapo_total")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,10 +78,10 @@ def run_worker(config: str, settings: dict) -> dict:
     import datasets
     import torch
     import transformers
-    from step_time import build_sapo, build_trl
-    from step_time_parts import StepTimer, make_pairs
     from transformers.trainer_callback import PrinterCallback
 
+    from benchmarks.step_time import build_sapo, build_trl
+    from benchmarks.step_time_parts import StepTimer, make_pairs
     from sapo.builtin.tiny import char_tokenizer, tiny_llama
     from sapo.packing import pack_pairs
 
@@ -92,25 +104,27 @@ def run_worker(config: str, settings: dict) -> dict:
     result["sapo_head_positions_per_pair"] = statistics.mean(head_positions)
     result["trl_head_positions_per_pair"] = 2 * (run.prompt_length + run.completion_length - 1)
     if config == "baseline":
-        return {**result, "peak_mib": peak_rss_mib()}
+        return {**result, "peak_mib": harness.peak_mib()}
     if config.startswith("scoring"):
         return {**result, **time_scoring(policy, tokenizer, pairs, run, config == "scoring_full_sums")}
     with tempfile.TemporaryDirectory() as output_dir:
         if config == "trl_dpo":
             trainer = build_trl(policy, tokenizer, pairs, run, output_dir)
         else:
-            options = {"generate": False, **SAPO_OPTIONS[config]}
-            trainer = build_sapo(policy, tokenizer, pairs, run, output_dir, options)
+            trainer = build_sapo(policy, tokenizer, pairs, run, output_dir, SAPO_OPTIONS[config])
         del policy  # the trainers train copies
         trainer.remove_callback(PrinterCallback)
-        timer = StepTimer(trainer, run.warmup)
-        result["built_peak_mib"] = peak_rss_mib()
+        timer = StepTimer(run.warmup)
+        trainer.add_callback(timer)  # last, so SAPO's own step-end work falls inside the step
+        result["built_peak_mib"] = harness.peak_mib()
         trainer.train()
     return {
         **result,
-        "peak_mib": peak_rss_mib(),
+        "peak_mib": harness.peak_mib(),
         "steps_s": timer.steps,
         "cpu_steps_s": timer.cpu_steps,
+        "generation_s": timer.generation_seconds,  # over the measured steps (sapo_total only)
+        "generated_tokens": timer.generated_tokens,
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -136,7 +150,7 @@ def time_scoring(policy, tokenizer, pairs, run, full_sums: bool) -> dict:
         policy.zero_grad(set_to_none=True)
     warm = run.warmup
     return {
-        "peak_mib": peak_rss_mib(),
+        "peak_mib": harness.peak_mib(),
         "steps_s": steps[warm:],
         "cpu_steps_s": cpu_steps[warm:],
         "built_peak_mib": 0.0,
@@ -147,17 +161,6 @@ def time_scoring(policy, tokenizer, pairs, run, full_sums: bool) -> dict:
 # ---------------------------------------------------------------------------------------------
 # driver
 # ---------------------------------------------------------------------------------------------
-
-
-def measure(config: str, settings: dict) -> dict:
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
-    env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # the peak follows live tensors (benchmarks/memory.py)
-    command = [sys.executable, os.path.abspath(__file__), "--worker", config, json.dumps(settings)]
-    completed = subprocess.run(command, capture_output=True, text=True, env=env)
-    if completed.returncode != 0:
-        sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-4000:])
-        raise SystemExit(f"error: the {config} worker failed with exit code {completed.returncode}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def parse_args(argv=None):
@@ -184,7 +187,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     options = parse_args(argv)
-    load_before = os.getloadavg()
+    load_before = harness.load_average()
     common = dict(
         vocab_size=options.vocab_size,
         model=dict(
@@ -204,14 +207,15 @@ def main(argv=None) -> dict:
     runs = {}
     for config in ["baseline", *options.configs]:
         print(f"measuring {config} ...", file=sys.stderr, flush=True)
-        runs[config] = measure(config, settings_for(config))
+        runs[config] = harness.run_fresh("benchmarks.large_vocab", config, settings_for(config))
     wall_s = time.perf_counter() - started
 
     baseline = runs["baseline"]["peak_mib"]
     trained = [config for config in runs if config != "baseline"]
     step_ms = {config: 1000 * statistics.median(runs[config]["steps_s"]) for config in trained}
     cpu_ms = {config: 1000 * statistics.median(runs[config]["cpu_steps_s"]) for config in trained}
-    above = {config: max(0.0, runs[config]["peak_mib"] - baseline) for config in trained}
+    above = harness.above_baseline({config: run["peak_mib"] for config, run in runs.items()})
+    measured_on = harness.machine(load_before, torch_threads=runs[trained[0]]["torch_threads"])
 
     def ratio(values: dict, config: str, baseline: str = "trl_dpo") -> float | None:
         both = config in values and baseline in values and values[baseline] > 0
@@ -221,9 +225,9 @@ def main(argv=None) -> dict:
     print(
         f"Llama {first['parameters'] / 1e6:.1f}M parameters ({common['model']}, tied embeddings), vocabulary "
         f"{options.vocab_size}; batch {options.batch_size}, prompt {options.prompt_length} + answer "
-        f"{options.completion_length}, segment {options.segment_length}; float32, AdamW; "
-        f"{os.cpu_count()} CPUs, torch threads {runs[trained[0]]['torch_threads']}"
+        f"{options.completion_length}, segment {options.segment_length}; float32, AdamW"
     )
+    print(harness.describe(measured_on))
     header = (
         "config",
         "step ms",
@@ -263,11 +267,19 @@ def main(argv=None) -> dict:
     }
     if prefix_left_out["time"] is not None:
         print(f"scoring without / with the shared prefix: {prefix_left_out}")
+    generation = generation_rates(runs.get("sapo_total"))
+    if generation["generation_s_per_step"] is not None:
+        print(
+            f"sapo_total: generation {generation['generation_s_per_step']:.2f} s per step, "
+            f"{generation['generation_tokens_per_s']:.1f} segment tokens/s"
+        )
     summary = {
         "benchmark": "large_vocab",
         "update_vs_trl_dpo": ratio(step_ms, "sapo_update"),
         "peak_memory_vs_trl_dpo": ratio(above, "sapo_update"),
         "update_cpu_vs_trl_dpo": ratio(cpu_ms, "sapo_update"),
+        "total_vs_trl_dpo": ratio(step_ms, "sapo_total"),
+        **generation,
         "vocab_size": options.vocab_size,
         **{
             f"{config}_vs_trl_dpo": ratio(step_ms, config) for config in trained if config.startswith("sapo_")
@@ -288,19 +300,21 @@ def main(argv=None) -> dict:
         "model_parameters": first["parameters"],
         "settings": {**common, "quick": options.quick, "configs": options.configs},
         "wall_s": round(wall_s, 1),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": measured_on,
     }
     print(json.dumps(summary))
     return summary
 
 
-if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        print(json.dumps(run_worker(sys.argv[2], json.loads(sys.argv[3]))))
-    else:
-        main()
+def generation_rates(run: dict | None) -> dict:
+    """Generation seconds per measured step and segment tokens per second of generation."""
+    if not run or not run["steps_s"] or not run["generation_s"]:
+        return {"generation_s_per_step": None, "generation_tokens_per_s": None}
+    return {
+        "generation_s_per_step": round(run["generation_s"] / len(run["steps_s"]), 3),
+        "generation_tokens_per_s": round(run["generated_tokens"] / run["generation_s"], 1),
+    }
+
+
+if __name__ == "__main__" and not harness.serve_worker(run_worker):
+    main()

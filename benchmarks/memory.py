@@ -15,29 +15,26 @@ Configurations, each measured in its own fresh Python process so that peaks do n
 
 All runs share the model, the batch, the optimizer (``adamw_torch``), the learning rate, the LoRA
 config, ``bf16=False`` and ``gradient_checkpointing=False``, on CPU. The memory figure is the
-process's peak resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``, KiB on Linux). The
-baseline's peak is subtracted from each run's peak, so that the "above baseline" figure counts the
-training state (gradients, optimizer state, activations, reference/EMA copies, generation) rather
-than the interpreter, the libraries and the policy weights. The ratios are computed on the
-above-baseline figures.
+process's peak resident memory (:mod:`benchmarks.harness`). The baseline's peak is subtracted
+from each run's peak, so that the "above baseline" figure counts the training state (gradients,
+optimizer state, activations, reference/EMA copies, generation) rather than the interpreter, the
+libraries and the policy weights. The ratios are computed on the above-baseline figures.
 
 Each worker also records its peak at a few points of the run (trainer built, training started,
 after each step; for SAPO also before and after each generation call), which shows where the
 extra memory appears.
 
-Workers run with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then maps every allocation above 64 KiB
-on its own and unmaps it when freed, so the peak follows the tensors alive at that moment. With
-glibc's adaptive default the heap keeps freed blocks and the peak of the same run varies by tens
-of MiB (``--malloc_default`` measures that way). Workers use one torch thread by default: on
+Workers run with ``MALLOC_MMAP_THRESHOLD_=65536`` (:mod:`benchmarks.harness` says why;
+``--malloc_default`` measures with glibc's default). Workers use one torch thread by default: on
 busy shared cores, two spinning OpenMP threads slowed the small kernels of generation 6-20x;
 memory does not depend on it.
 
 Usage::
 
-    python benchmarks/memory.py                      # ~49M-parameter model, batch 4, 3 steps
-    python benchmarks/memory.py --quick              # ~3M-parameter model, for a fast check
-    python benchmarks/memory.py --batch_size 8       # more activations per step
-    python benchmarks/memory.py --vocab_size 32000 --configs lora_dpo,lora_sapo,lora_sapo_padded
+    python -m benchmarks.memory                      # ~49M-parameter model, batch 4, 3 steps
+    python -m benchmarks.memory --quick              # ~3M-parameter model, for a fast check
+    python -m benchmarks.memory --batch_size 8       # more activations per step
+    python -m benchmarks.memory --vocab_size 32000 --configs lora_dpo,lora_sapo,lora_sapo_padded
                                                      # a real vocabulary: the cost of the LM head
 
 The last line printed is one JSON object with the ratios, the peaks and the settings.
@@ -49,8 +46,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
+
+if not __package__:  # started as a file: run as the module (benchmarks/__init__.py)
+    os.execv(sys.executable, [sys.executable, "-m", "benchmarks.memory", *sys.argv[1:]])
+
+from benchmarks import harness
 
 CONFIGS = (
     "baseline",
@@ -68,67 +69,6 @@ MODEL_PRESETS = {
     # ~2.9M parameters: a fast check of the whole pipeline
     "quick": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4),
 }
-
-# ---------------------------------------------------------------------------------------------
-# driver
-# ---------------------------------------------------------------------------------------------
-
-
-def measure(config: str, settings: dict) -> dict:
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
-    if settings["malloc_mmap_threshold"]:
-        # glibc reads this at start-up: every allocation above it gets its own mapping, returned to
-        # the OS when freed, so the peak RSS follows the tensors alive at the peak instead of
-        # whatever the heap happened to keep (tens of MiB of noise from run to run otherwise)
-        env["MALLOC_MMAP_THRESHOLD_"] = str(settings["malloc_mmap_threshold"])
-    else:
-        env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory_worker.py")
-    command = [sys.executable, worker, config, json.dumps(settings)]
-    completed = subprocess.run(command, capture_output=True, text=True, env=env)
-    if completed.returncode != 0:
-        sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-4000:])
-        raise SystemExit(f"error: the {config} worker failed with exit code {completed.returncode}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(value, 2) for value in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def code_version() -> dict:
-    """The sapo measured: a hash of the source of the sapo modules a run imports, and the commit."""
-    import hashlib
-
-    import sapo
-    import sapo.builtin.tiny  # noqa: F401
-    import sapo.trainer  # noqa: F401
-
-    digest = hashlib.sha256()
-    modules = sorted(name for name in sys.modules if name == "sapo" or name.startswith("sapo."))
-    for name in modules:
-        path = getattr(sys.modules[name], "__file__", None)
-        if path:
-            with open(path, "rb") as source:
-                digest.update(name.encode() + b"\0" + source.read() + b"\0")
-    version = {
-        "sapo": getattr(sapo, "__version__", None),
-        "source_sha256": digest.hexdigest()[:16],
-        "commit": None,
-    }
-    try:
-        version["commit"] = subprocess.run(
-            ["git", "-C", os.path.dirname(sapo.__file__), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return version
 
 
 def ratio(numerator: float, denominator: float) -> float | None:
@@ -192,25 +132,28 @@ def main(argv=None) -> None:
         seed=0,
         threads=options.threads,
         vocab_size=options.vocab_size or None,
-        malloc_mmap_threshold=None if options.malloc_default else 65536,
+        malloc_mmap_threshold=None if options.malloc_default else harness.MALLOC_MMAP_THRESHOLD,
     )
 
-    load_before = load_average()
-    code_before = code_version()
+    load_before = harness.load_average()
+    code_before = harness.code_version()
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     for repeat in range(options.repeats):
         for name in configs:  # round-robin, so that drift in the machine's state hits all alike
             print(f"[{repeat + 1}/{options.repeats}] measuring {name} ...", file=sys.stderr, flush=True)
-            runs[name].append(measure(name, settings))
-    load_after = load_average()
+            allocator = settings["malloc_mmap_threshold"]
+            run = harness.run_fresh(
+                "benchmarks.memory_worker", name, settings, malloc_mmap_threshold=allocator
+            )
+            runs[name].append(run)
+    measured_on = harness.machine(load_before, torch_threads=settings["threads"] or None)
 
     raw = {name: statistics.median(run["peak_mib"] for run in results) for name, results in runs.items()}
     spread = {
         name: round(max(r["peak_mib"] for r in results) - min(r["peak_mib"] for r in results), 1)
         for name, results in runs.items()
     }
-    baseline = raw["baseline"]
-    above = {name: max(0.0, peak - baseline) for name, peak in raw.items() if name != "baseline"}
+    above = harness.above_baseline(raw)
     first = {name: results[0] for name, results in runs.items()}
     params = first["baseline"]["parameters"]
     model_copy_mib = params * 4 / 2**20
@@ -282,15 +225,13 @@ def main(argv=None) -> None:
     for name in configs:
         marks = ", ".join(f"{mark['phase']} {mark['peak_mib']:.0f}" for mark in first[name]["phases"])
         print(f"  {name}: {marks}")
-    print(f"load average before {load_before}, after {load_after} (on {os.cpu_count()} CPUs)")
-    code_after = code_version()
-    print(f"sapo measured: {code_before}")
-    if code_after["source_sha256"] != code_before["source_sha256"]:
-        print(f"WARNING: sapo's source changed during the runs (now {code_after}); measure again")
+    print(harness.describe(measured_on))
+    if measured_on["code"]["source_sha256"] != code_before["source_sha256"]:
+        print(f"WARNING: sapo's source changed during the runs (was {code_before}); measure again")
 
     summary = {
         "benchmark": "memory",
-        "metric": "peak RSS (ru_maxrss) per fresh process, MiB; ratios on above-baseline figures",
+        "metric": "peak resident memory (VmHWM) per fresh process, MiB; ratios on above-baseline figures",
         "lora_sapo_vs_lora_dpo": ratios.get("lora_sapo_vs_lora_dpo"),
         "full_sapo_vs_full_dpo": ratios.get("full_sapo_vs_full_dpo"),
         "lora_sapo_padded_vs_lora_dpo": ratios.get("lora_sapo_padded_vs_lora_dpo"),
@@ -311,10 +252,10 @@ def main(argv=None) -> None:
         "sapo_scoring": {
             name: first[name]["sapo_scoring"] for name in configs if first[name].get("sapo_scoring")
         },
-        "code": {"before": code_before, "after": code_after},
+        "code_before": code_before,
         "wall_s": {name: round(statistics.median(r["wall_s"] for r in runs[name]), 1) for name in configs},
         "settings": {**settings, "repeats": options.repeats, "quick": options.quick},
-        "load_average": {"before": load_before, "after": load_after, "cpus": os.cpu_count()},
+        "machine": measured_on,
     }
     print(json.dumps(summary))
 

@@ -1,59 +1,17 @@
 """The worker side of ``benchmarks/memory.py``: one configuration, in a fresh process.
 
-    python benchmarks/memory_worker.py CONFIG SETTINGS_JSON
-
-Builds the model and data, trains the configuration for a few steps and prints one JSON object
-with its peak resident memory at each phase. ``benchmarks/memory.py`` runs one of these per
-configuration so that peaks do not mix, and compares them.
+``benchmarks/memory.py`` runs one of these per configuration (``harness.run_fresh``), so that
+peaks do not mix, and compares them. A worker builds the model and data, trains the
+configuration for a few steps and prints one JSON object with its peak resident memory at each
+phase. ``benchmarks/plan_vs_measured.py`` shares its rows (``build_rows``).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 import tempfile
 import time
 
-KIB_PER_MIB = 1024
-
-
-# ---------------------------------------------------------------------------------------------
-# measurement helpers (used in the worker processes)
-# ---------------------------------------------------------------------------------------------
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, in MiB (``ru_maxrss`` is KiB on Linux)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB_PER_MIB
-
-
-def current_rss_mib() -> float:
-    """Resident set size of this process now, in MiB."""
-    with open("/proc/self/statm") as statm:
-        resident_pages = int(statm.read().split()[1])
-    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class PhaseLog:
-    """Peak and current RSS at named points of a run."""
-
-    def __init__(self):
-        self.marks: list[dict] = []
-        self.started = time.perf_counter()
-
-    def mark(self, name: str) -> None:
-        self.marks.append(
-            {
-                "phase": name,
-                "peak_mib": round(peak_rss_mib(), 1),
-                "rss_mib": round(current_rss_mib(), 1),
-                "t_s": round(time.perf_counter() - self.started, 2),
-            }
-        )
-
+from benchmarks import harness
 
 # ---------------------------------------------------------------------------------------------
 # data and model (identical in every worker)
@@ -154,7 +112,7 @@ def run_worker(config: str, settings: dict) -> dict:
     from sapo import SAPOConfig, SAPOTrainer
     from sapo.builtin.tiny import char_tokenizer
 
-    phases = PhaseLog()
+    phases = harness.PeakLog()
     phases.mark("imports")
     tokenizer = char_tokenizer()
     model = build_model(tokenizer, settings)
@@ -171,8 +129,8 @@ def run_worker(config: str, settings: dict) -> dict:
     phases.mark("model_and_data")
     result = {"config": config, "parameters": n_params}
     if config == "baseline":
-        phases.mark("end")
-        result.update(peak_mib=peak_rss_mib(), phases=phases.marks, trainable_parameters=0, wall_s=0.0)
+        peak = phases.mark("end")["peak_mib"]
+        result.update(peak_mib=peak, phases=phases.marks, trainable_parameters=0, wall_s=0.0)
         return result
 
     class MarkedSAPOTrainer(SAPOTrainer):
@@ -227,10 +185,9 @@ def run_worker(config: str, settings: dict) -> dict:
         phases.mark("trainer_built")
         trainer.add_callback(StepMarks())
         trainer.train()
-        phases.mark("end")
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     result.update(
-        peak_mib=peak_rss_mib(),
+        peak_mib=phases.mark("end")["peak_mib"],
         phases=phases.marks,
         trainable_parameters=trainable,
         wall_s=round(time.perf_counter() - started, 1),
@@ -240,4 +197,4 @@ def run_worker(config: str, settings: dict) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run_worker(sys.argv[1], json.loads(sys.argv[2]))))
+    harness.serve_worker(run_worker)

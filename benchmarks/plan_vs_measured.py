@@ -3,21 +3,22 @@
 Each setup trains SAPO for a few steps in fresh processes (one, or two under torchrun with gloo
 and DeepSpeed's CPU accelerator) and records each process's peak resident memory in each interval
 of a step (before sampling, sampling, reference and training pass, optimizer step and EMA) from
-the kernel's high-water mark, reset when training begins and at each mark: building the model is
-not what the plan counts. Its baseline runs the same code, launch and data on a model too small
-to count (0.03M parameters) for one step; its resident memory at the end (interpreter, libraries,
-what they load lazily, data) is subtracted. The plan is computed for the same model, batch and
-lengths with ``sapo.planning`` (``device="cpu"``: no CUDA context, CPU optimizer kernels).
+the kernel's high-water mark, restarted when training begins and at each mark
+(``harness.PeakLog``): building the model is not what the plan counts. Its baseline runs the
+same code, launch and data on a model too small to count (0.03M parameters) for one step; its
+resident memory at the end (interpreter, libraries, what they load lazily, data) is subtracted.
+The plan is computed for the same model, batch and lengths with ``sapo.planning``
+(``device="cpu"``: no CUDA context, CPU optimizer kernels).
 
 Setups: full fine-tuning and LoRA, on one process and on 2 processes under DeepSpeed ZeRO-3 (the
 policy partitioned at construction, as the recipes' ``zero3_init_flag: true`` loads it), all in
 float32 (bfloat16 kernels are slow on CPUs); the 2-process figure is the larger rank's. Workers
-run with ``MALLOC_MMAP_THRESHOLD_=65536`` and one thread (see ``benchmarks/memory.py``).
+run with ``MALLOC_MMAP_THRESHOLD_=65536`` (:mod:`benchmarks.harness`) and one thread.
 
 Usage::
 
-    python benchmarks/plan_vs_measured.py                    # every setup, ~24M-parameter model
-    python benchmarks/plan_vs_measured.py --setups single-full,zero3-full
+    python -m benchmarks.plan_vs_measured                    # every setup, ~24M-parameter model
+    python -m benchmarks.plan_vs_measured --setups single-full,zero3-full
 
 The last line printed is one JSON object: each setup's measured and planned MiB, their ratio,
 and whether every ratio is within ±25%.
@@ -28,11 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+if not __package__:  # started as a file: run as the module (benchmarks/__init__.py)
+    os.execv(sys.executable, [sys.executable, "-m", "benchmarks.plan_vs_measured", *sys.argv[1:]])
+
+from benchmarks import harness
+
 SETUPS = {
     # name: (processes, LoRA, ZeRO-3, gradient checkpointing)
     "single-full": (1, False, False, False),
@@ -62,18 +65,7 @@ SETTINGS = dict(
 BASELINE_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=1, vocab_size=128)  # fmt: skip
 TOLERANCE = 0.25
-
-
-def vm_kib(field: str) -> int:
-    """``VmHWM`` (peak) or ``VmRSS`` (now) of this process, KiB."""
-    with open("/proc/self/status") as status:
-        return int(re.search(rf"{field}:\s+(\d+)", status.read()).group(1))
-
-
-def reset_peak() -> None:
-    """Restart the kernel's peak-resident count of this process from what is resident now."""
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")
+BUILT = "model built"  # the interval up to train begin, which the plan does not count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,9 +106,10 @@ def sapo_config(settings: dict, output_dir: str, zero3: bool, checkpointing: boo
     )
 
 
-def worker(name: str, settings: dict) -> None:
+def worker(name: str, settings: dict) -> dict | None:
     """Train one setup (``baseline-<setup>``: the same on a model too small to count, one step)
-    and print its peak resident memory per interval of the run; rank 0 prints the fuller rank's."""
+    and return its peak resident memory per interval of the run; rank 0 returns the fuller
+    rank's, the other ranks ``None``."""
     import tempfile
 
     import torch
@@ -124,9 +117,9 @@ def worker(name: str, settings: dict) -> None:
     from datasets import Dataset
 
     torch.set_num_threads(1)
-    from memory_worker import build_rows
     from transformers import LlamaForCausalLM, TrainerCallback
 
+    from benchmarks.memory_worker import build_rows
     from sapo import SAPOTrainer
     from sapo.builtin.tiny import char_tokenizer, tiny_llama
     from sapo.data import prepare_dataset
@@ -140,15 +133,12 @@ def worker(name: str, settings: dict) -> None:
     )
     length = settings["prompt_tokens"] + settings["answer_tokens"]
     dataset = prepare_dataset(Dataset.from_list(rows), tokenizer, length, settings["prompt_tokens"])
-    marks = []
-
-    def mark(phase: str) -> None:  # the peak since the last mark, then a fresh count
-        marks.append({"phase": phase, "peak_kib": vm_kib("VmHWM"), "resident_kib": vm_kib("VmRSS")})
-        reset_peak()
+    peaks = harness.PeakLog(per_interval=True)
+    mark = peaks.mark
 
     class Marks(TrainerCallback):
         def on_train_begin(self, *args, **kwargs):
-            reset_peak()
+            mark(BUILT)
 
         def on_pre_optimizer_step(self, *args, **kwargs):
             mark("reference and training pass")
@@ -180,22 +170,23 @@ def worker(name: str, settings: dict) -> None:
         trainer.add_callback(Marks())
         trainer.train()
         mark("end")
-    peak = max(marks, key=lambda entry: entry["peak_kib"])
+    training = [entry for entry in peaks.marks if entry["phase"] != BUILT]
+    peak = max(training, key=lambda entry: entry["interval_peak_mib"])
     record = {
         "prompt_tokens": max(map(len, dataset["prompt_ids"])),
         "answer_tokens": max(map(len, dataset["gold_ids"])),
-        "peak_kib": peak["peak_kib"],
+        "peak_mib": peak["interval_peak_mib"],
         "peak_phase": peak["phase"],
-        "resident_kib": vm_kib("VmRSS"),
-        "marks": marks,
+        "resident_mib": harness.resident_mib(),
+        "marks": training,
     }
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, record)
         if dist.get_rank() != 0:
-            return
-        record = max(gathered, key=lambda rank: rank["peak_kib"])  # the fuller rank
-    print(json.dumps(record))
+            return None
+        record = max(gathered, key=lambda rank: rank["peak_mib"])  # the fuller rank
+    return record
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,17 +195,8 @@ def worker(name: str, settings: dict) -> None:
 
 
 def run(name: str, processes: int, settings: dict) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error", PYTHONPATH=HERE)  # fmt: skip
-    launcher = [sys.executable]
-    if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    command = [*launcher, os.path.abspath(__file__), "--worker", name, json.dumps(settings)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        sys.stderr.write(done.stdout[-3000:] + done.stderr[-5000:])
-        raise SystemExit(f"error: the {name} worker failed with exit code {done.returncode}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    env = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    return harness.run_fresh("benchmarks.plan_vs_measured", name, settings, processes=processes, env=env)
 
 
 def planned_mib(name: str, settings: dict, lengths: dict) -> tuple[float, str]:
@@ -238,18 +220,16 @@ def planned_mib(name: str, settings: dict, lengths: dict) -> tuple[float, str]:
     return plan.peak / GIB * 1024, plan.peak_phase
 
 
-def phase_peaks(marks: list[dict], baseline_kib: int) -> dict[str, float]:
+def phase_peaks(marks: list[dict], baseline_mib: float) -> dict[str, float]:
     """The largest peak above the baseline in each kind of interval of a run, MiB."""
     peaks: dict[str, float] = {}
     for entry in marks:
-        value = round((entry["peak_kib"] - baseline_kib) / 1024, 1)
+        value = round(entry["interval_peak_mib"] - baseline_mib, 1)
         peaks[entry["phase"]] = max(value, peaks.get(entry["phase"], value))
     return peaks
 
 
 def main(argv=None) -> None:
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        return worker(sys.argv[2], json.loads(sys.argv[3]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--setups", default=",".join(SETUPS), help="comma-separated subset of " + ",".join(SETUPS)
@@ -267,9 +247,9 @@ def main(argv=None) -> None:
         print(f"measuring {name} and its baseline ...", file=sys.stderr, flush=True)
         baselines[name] = run(f"baseline-{name}", processes, SETTINGS)
         measured = run(name, processes, SETTINGS)
-        above = (measured["peak_kib"] - baselines[name]["resident_kib"]) / 1024
+        base = baselines[name]["resident_mib"]
+        above = measured["peak_mib"] - base
         planned, phase = planned_mib(name, SETTINGS, measured)
-        base = baselines[name]["resident_kib"]
         results[name] = {"measured_mib": round(above, 1), "planned_mib": round(planned, 1),
                          "ratio": round(planned / above, 3), "planned_peak_phase": phase,
                          "measured_peak_phase": measured["peak_phase"],
@@ -283,10 +263,10 @@ def main(argv=None) -> None:
         "setups": results,
         "within_25_percent": within,
         "settings": SETTINGS,
-        "baseline_resident_mib": {name: round(v["resident_kib"] / 1024, 1) for name, v in baselines.items()},
+        "baseline_resident_mib": {name: round(v["resident_mib"], 1) for name, v in baselines.items()},
     }
     print(json.dumps(summary))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and not harness.serve_worker(worker):
     main()

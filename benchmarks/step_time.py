@@ -8,7 +8,7 @@ Methods, each run through its trainer's real ``train()`` loop:
 - ``sapo_update_unpacked``: the same, scoring chosen and rejected as two padded rows
   (``pair_scoring="padded"``), to show what packing buys;
 - ``sapo_total``: the whole SAPO step, the EMA model sampling ``segment_length`` tokens per row
-  with SAPO's sampling loop (``sapo.decoding``);
+  with SAPO's sampling loop (``sapo.sampling.own_loop``);
 - ``sapo_total_unpacked``: the whole step, unpacked;
 - ``sapo_total_generate``: the whole step, sampling with transformers' ``generate``
   (``generation_backend="transformers"``);
@@ -21,10 +21,12 @@ Each SAPO method sets ``pair_scoring`` itself, so the comparison does not depend
 the trainer picks by default. The update-only methods use a trainer whose ``generate_pairs`` does
 nothing, on a buffer filled with the same pairs.
 
-A step is timed as Trainer's ``get_batch_samples`` call (where SAPO generates, before
-``on_step_begin``) plus ``on_step_begin`` → ``on_step_end`` (forward, backward, optimizer, and
-SAPO's EMA update and reference sync, whose callback runs before the timer's). The first
-``--warmup`` steps of every ``train()`` call are skipped. Methods are interleaved over
+A step is timed by a ``TrainerCallback`` (``step_time_parts.StepTimer``) from the end of the
+previous step's logging to ``on_step_end``: Trainer's fetch of the batch (where SAPO generates,
+before ``on_step_begin``), forward, backward, optimizer, and SAPO's EMA update and reference sync;
+"begin->end" is ``on_step_begin`` → ``on_step_end`` alone. The first ``--warmup`` steps of every
+``train()`` call are skipped. Generation throughput comes from the trainer's own logged
+``sapo/generation_seconds`` and ``sapo/segment_tokens``. Methods are interleaved over
 ``--rounds`` so that a change in background load hits all of them alike, in a new order each
 round, so that no method always runs right after the same one; figures are medians
 over all measured steps ("vs trl_dpo": ratio of those medians), and "paired" is the median over
@@ -34,9 +36,9 @@ through the policy (a forward and backward, counted three times) and the referen
 step, padding included, over TRL's. Where a step's time is proportional to the positions its
 models process, its time ratio is this one. The last line printed is one JSON object.
 
-    python benchmarks/step_time.py            # default setting (about 5 minutes on 2 quiet CPU cores)
-    python benchmarks/step_time.py --quick    # a short run to check that it works
-    python benchmarks/step_time.py --methods sapo_update sapo_update_unpacked --vocab_size 32000
+    python -m benchmarks.step_time            # default setting (about 5 minutes on 2 quiet CPU cores)
+    python -m benchmarks.step_time --quick    # a short run to check that it works
+    python -m benchmarks.step_time --methods sapo_update sapo_update_unpacked --vocab_size 32000
 """
 
 from __future__ import annotations
@@ -45,20 +47,23 @@ import argparse
 import copy
 import json
 import os
-import platform
 import random
 import statistics
+import sys
 import tempfile
 import warnings
+
+if not __package__:  # started as a file: run as the module (benchmarks/__init__.py)
+    os.execv(sys.executable, [sys.executable, "-m", "benchmarks.step_time", *sys.argv[1:]])
 
 import datasets
 import torch
 import transformers
-import trl
-from step_time_parts import GenerationMeter, PositionCounter, StepTimer, as_text, make_pairs, work_units
 from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
+from benchmarks import harness
+from benchmarks.step_time_parts import PositionCounter, StepTimer, as_text, make_pairs, work_units
 from sapo import SAPOConfig, SAPOTrainer
 from sapo.builtin.settings import tiny_run_args
 from sapo.builtin.tiny import char_tokenizer, tiny_llama
@@ -105,7 +110,7 @@ def build_trl(policy, tokenizer, pairs, settings, output_dir):
     )
     keys = ("prompt_ids", "chosen_ids", "rejected_ids")
     if [[row[key] for key in keys] for row in trainer.train_dataset] != [
-        [pair[key] for key in keys] for pair in pairs
+        [getattr(pair, key) for key in keys] for pair in pairs
     ]:
         raise RuntimeError("TRL tokenized the benchmark pairs differently; the comparison would be unfair")
     return trainer
@@ -131,25 +136,23 @@ def build_sapo(policy, tokenizer, pairs, settings, output_dir, options: dict):
         train_dataset=rows,
         processing_class=tokenizer,
     )
-    if trainer.train_dataset["gold_ids"] != [pair["chosen_ids"] for pair in pairs]:
+    if trainer.train_dataset["gold_ids"] != [pair.chosen_ids for pair in pairs]:
         raise RuntimeError("SAPO tokenized the benchmark rows differently; the comparison would be unfair")
-    if not generate:
+    if not generate:  # copies: a trainer caches its reference log-probs on the pairs it holds
         for pair in pairs:
-            trainer.buffer.add(dict(pair))
+            trainer.buffer.add(copy.copy(pair))
     return trainer
 
 
 def run_method(method, policy, tokenizer, pairs, settings, results):
-    meter = None
     with tempfile.TemporaryDirectory() as output_dir:
         if METHODS[method] is None:
             trainer = build_trl(policy, tokenizer, pairs, settings, output_dir)
         else:
-            options = METHODS[method]
-            trainer = build_sapo(policy, tokenizer, pairs, settings, output_dir, options)
-            meter = GenerationMeter(trainer.segment_generator) if options["generate"] else None
+            trainer = build_sapo(policy, tokenizer, pairs, settings, output_dir, METHODS[method])
         trainer.remove_callback(PrinterCallback)
-        timer = StepTimer(trainer, settings.warmup)
+        timer = StepTimer(settings.warmup)
+        trainer.add_callback(timer)  # last, so SAPO's own step-end work falls inside the step
         counters = {
             role: PositionCounter(model, tokenizer.pad_token_id)
             for role, model in (("policy", trainer.model), ("reference", trainer.ref_model))
@@ -163,9 +166,8 @@ def run_method(method, policy, tokenizer, pairs, settings, results):
     results[method]["windows"] += timer.windows
     results[method]["cpu_steps"] += timer.cpu_steps
     results[method]["reference_reuse"] += timer.reference_reuse
-    if meter is not None:
-        results[method]["generated_tokens"] += meter.tokens
-        results[method]["generation_seconds"] += meter.seconds
+    results[method]["generated_tokens"] += timer.generated_tokens
+    results[method]["generation_seconds"] += timer.generation_seconds
 
 
 def parse_args():
@@ -207,7 +209,7 @@ def main():
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from the libraries
     datasets.disable_progress_bars()
-    load_before = os.getloadavg()
+    load_before = harness.load_average()
     tokenizer = char_tokenizer()
     model_config = dict(
         hidden_size=settings.hidden_size,
@@ -285,12 +287,13 @@ def main():
         rounds = zip(results[method]["round_medians"], results[baseline]["round_medians"])
         return round(statistics.median(a / b for a, b in rounds), 4)
 
+    measured_on = harness.machine(load_before)
     print(
         f"tiny Llama {parameters / 1e6:.2f}M parameters ({model_config}); batch {settings.batch_size}, "
         f"prompt {settings.prompt_length}, completion {settings.completion_length}, segment "
-        f"{settings.segment_length}; {settings.rounds} round(s) x {settings.steps} steps per method; "
-        f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+        f"{settings.segment_length}; {settings.rounds} round(s) x {settings.steps} steps per method"
     )
+    print(harness.describe(measured_on))
     header = ("method", "step ms", "vs trl_dpo", "paired", "begin->end", "CPU ms", "CPU vs trl")
     header += ("ref reuse", "work vs trl")
     print(f"{header[0]:<24}" + "".join(f"{name:>14}" for name in header[1:]))
@@ -311,7 +314,7 @@ def main():
         + ", ".join(f"{method} {unpadded_work[method] / work['trl_dpo']:.3f}" for method in methods)
     )
     for method, tokens_per_second in generation.items():
-        print(f"generation ({method}): {tokens_per_second:.0f} segment tokens/s")
+        print(f"generation ({method}): {tokens_per_second:.0f} segment tokens/s (sapo/generation_seconds)")
     comparisons = {  # each optimization on its own: the step with it over the step without it
         "packed_vs_unpacked_update": ratio("sapo_update", "sapo_update_unpacked"),
         "packed_vs_unpacked_total": ratio("sapo_total", "sapo_total_unpacked"),
@@ -347,16 +350,7 @@ def main():
         "completion_length": settings.completion_length,
         "segment_length": settings.segment_length,
         "quick": settings.quick,
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "trl": trl.__version__,
-            "python": platform.python_version(),
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": measured_on,
     }
     print(json.dumps(summary))
 

@@ -1,6 +1,8 @@
-"""Pieces of ``step_time.py``: step and generation timers, and the benchmark's pairs.
+"""Pieces of ``step_time.py`` that ``large_vocab.py`` shares: the step timer, the benchmark's pairs,
+and the count of token positions through a model.
 
-Kept apart so the benchmark script stays short; nothing here depends on which trainer runs.
+Nothing here depends on which trainer runs: the timer is a ``TrainerCallback``, the counter a
+forward pre-hook.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
+from sapo.pairs import Pair
 from sapo.segments import sample_cut, splice
 
 TEXT_CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
@@ -24,60 +27,48 @@ def clocks() -> tuple[float, float]:
 
 
 class StepTimer(TrainerCallback):
-    """Per optimizer step: ``get_batch_samples`` plus ``on_step_begin`` → ``on_step_end``, in
-    wall-clock and CPU seconds."""
+    """Per optimizer step, wall-clock and CPU seconds, through Trainer's callbacks alone.
 
-    def __init__(self, trainer, warmup: int):
+    A step runs from the end of the previous step's last hook (``on_step_end``, or ``on_log`` when
+    the step logged) to this step's ``on_step_end``: it takes in Trainer's fetch of the batch
+    (where SAPO generates, before ``on_step_begin``), the forward, backward and optimizer step,
+    and the callbacks that run before this one at ``on_step_end`` (add it last), and leaves out
+    the previous step's logging. ``windows`` holds ``on_step_begin`` → ``on_step_end`` alone.
+    The first ``warmup`` steps are not recorded. From SAPO's logged metrics (log every step) it
+    keeps the share of reused reference log-probs and the generation seconds and segment tokens.
+    """
+
+    def __init__(self, warmup: int):
         self.warmup = warmup
-        self.fetch = (0.0, 0.0)
         self.steps: list[float] = []
         self.cpu_steps: list[float] = []
         self.windows: list[float] = []
-        # SAPO: share of the batch whose reference log-probs were cached
         self.reference_reuse: list[float] = []
-        self.trainer = trainer
-        fetch = trainer.get_batch_samples
+        self.generation_seconds = 0.0
+        self.generated_tokens = 0.0
 
-        def timed_fetch(*args, **kwargs):
-            wall, cpu = clocks()
-            result = fetch(*args, **kwargs)
-            self.fetch = (time.perf_counter() - wall, time.process_time() - cpu)
-            return result
-
-        trainer.get_batch_samples = timed_fetch  # the loop calls it once per optimizer step
-        trainer.add_callback(self)  # last, so SAPO's EMA/reference callback runs inside the window
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.ended = clocks()
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.began = clocks()
 
     def on_step_end(self, args, state, control, **kwargs):
-        wall, cpu = time.perf_counter() - self.began[0], time.process_time() - self.began[1]
+        wall, cpu = clocks()
         if state.global_step > self.warmup:
-            self.windows.append(wall)
-            self.steps.append(self.fetch[0] + wall)
-            self.cpu_steps.append(self.fetch[1] + cpu)
+            self.windows.append(wall - self.began[0])
+            self.steps.append(wall - self.ended[0])
+            self.cpu_steps.append(cpu - self.ended[1])
+        self.ended = clocks()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        # SAPO logs the share of reused reference log-probs; the benchmark logs every step
-        if state.global_step > self.warmup and logs and "sapo/reference_reuse" in logs:
-            self.reference_reuse.append(logs["sapo/reference_reuse"])
-
-
-class GenerationMeter:
-    """Wraps a SegmentGenerator's ``generate`` to count the segment tokens and the seconds."""
-
-    def __init__(self, generator):
-        self.tokens, self.seconds = 0, 0.0
-        generate = generator.generate
-
-        def timed_generate(*args, **kwargs):
-            started = time.perf_counter()
-            segments = generate(*args, **kwargs)
-            self.seconds += time.perf_counter() - started
-            self.tokens += sum(len(segment) for segment in segments)
-            return segments
-
-        generator.generate = timed_generate
+        if state.global_step > self.warmup and logs:
+            if "sapo/reference_reuse" in logs:
+                self.reference_reuse.append(logs["sapo/reference_reuse"])
+            if "sapo/generation_seconds" in logs:  # one generation call per step when logged every step
+                self.generation_seconds += logs["sapo/generation_seconds"]
+                self.generated_tokens += logs["sapo/segment_tokens"]
+        self.ended = clocks()  # the next step begins after this step's logging
 
 
 def make_pairs(
@@ -100,23 +91,14 @@ def make_pairs(
         segment = [rng.choice(letters) for _ in range(window)]
         if cut + window == completion_length:
             segment[-1] = eos
-        pairs.append(
-            {
-                "prompt_ids": prompt,
-                "chosen_ids": gold,
-                "rejected_ids": splice(gold, cut, segment, segment_length, eos),
-                "step": 0,
-            }
-        )
+        pairs.append(Pair(prompt, gold, splice(gold, cut, segment, segment_length, eos)))
     return pairs
 
 
 def as_text(tokenizer, pairs) -> Dataset:
     """The pairs as strings (one character per token), for trainers that tokenize themselves."""
-    rows = [
-        {side: tokenizer.decode(pair[f"{side}_ids"]) for side in ("prompt", "chosen", "rejected")}
-        for pair in pairs
-    ]
+    sides = ("prompt", "chosen", "rejected")
+    rows = [{side: tokenizer.decode(getattr(pair, f"{side}_ids")) for side in sides} for pair in pairs]
     return Dataset.from_list(rows)
 
 

@@ -19,9 +19,9 @@ evenly over the cores, bound the speed-up these cores allow (``speedup_bound``; 
 with ``--num_proc``, whose workers' CPU time the parent does not see). The last line printed is
 one JSON object.
 
-    python benchmarks/tokenize_rows.py                # 4000 rows per format, 3 rounds: 5 min on busy cores
-    python benchmarks/tokenize_rows.py --quick        # 200 rows, 1 round: checks that it runs
-    python benchmarks/tokenize_rows.py --num_proc 2   # prepare_dataset in 2 processes
+    python -m benchmarks.tokenize_rows                # 4000 rows per format, 3 rounds: 5 min on busy cores
+    python -m benchmarks.tokenize_rows --quick        # 200 rows, 1 round: checks that it runs
+    python -m benchmarks.tokenize_rows --num_proc 2   # prepare_dataset in 2 processes
 """
 
 from __future__ import annotations
@@ -30,11 +30,14 @@ import argparse
 import gc
 import json
 import os
-import platform
 import random
 import statistics
+import sys
 import time
 from typing import Any
+
+if not __package__:  # started as a file: run as the module (benchmarks/__init__.py)
+    os.execv(sys.executable, [sys.executable, "-m", "benchmarks.tokenize_rows", *sys.argv[1:]])
 
 import datasets
 import transformers
@@ -42,11 +45,12 @@ from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from benchmarks import harness
 from sapo.builtin.tiny import BOS, CHAT_TEMPLATE, EOS, PAD, ROLE_TOKENS, char_tokenizer
 from sapo.data import GOLD_IDS, PROMPT_IDS, prepare_dataset, split_row
 
 FORMATS = ("messages", "prompt_completion", "conversational")
-CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+CORES = harness.cores_available()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +217,7 @@ def main(argv=None) -> dict:
     datasets.disable_progress_bars()
     datasets.disable_caching()  # every run tokenizes: nothing is read back from a cache
     transformers.logging.set_verbosity_error()
-    load_before = os.getloadavg()
+    load_before = harness.load_average()
     rows = make_rows(settings.rows, tuple(settings.words))
     tokenizer = bpe_tokenizer(rows) if settings.tokenizer == "bpe" else char_tokenizer()
     limits = dict(max_length=settings.max_length, max_prompt_length=settings.max_prompt_length)
@@ -254,21 +258,15 @@ def main(argv=None) -> dict:
             f"{result['mean_tokens_per_row']:.0f}",
         )
         print(f"{name:<20}" + "".join(f"{cell:>16}" for cell in cells))
+    measured_on = harness.machine(load_before)
+    print(harness.describe(measured_on))
     summary = {
         "benchmark": "tokenize_rows",
         "speedup": {name: result["speedup"] for name, result in results.items()},
         "ids_identical": all(result["ids_identical"] for result in results.values()),
         "formats": results,
         "settings": {**vars(settings), "tokenizer_size": len(tokenizer)},
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "cores_available": CORES,
-            "python": platform.python_version(),
-            "transformers": transformers.__version__,
-            "datasets": datasets.__version__,
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": measured_on,
     }
     print(json.dumps(summary))
     return summary

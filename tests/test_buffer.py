@@ -1,4 +1,4 @@
-"""Tests for ``sapo.buffer.ReplayBuffer`` (SPEC §1 step 2).
+"""Tests for ``sapo.buffer.ReplayBuffer``, step 2 of SAPO's loop.
 
 Bounded FIFO of capacity ``replay_buffer_size``; a batch is drawn with replacement with weight
 ``1 / (1 + times_sampled)``; drawn entries get their count incremented; sampling uses the buffer's

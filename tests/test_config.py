@@ -1,4 +1,4 @@
-"""Tests for ``sapo.config.SAPOConfig``: SPEC §2 defaults, validation and documentation."""
+"""Tests for ``sapo.config.SAPOConfig``: the paper's settings as defaults, validation and documentation."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def make(tmp_path, **kwargs) -> SAPOConfig:
     return SAPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kwargs)
 
 
-SPEC_DEFAULTS = {
+PAPER_DEFAULTS = {  # the settings of the paper's runs, which a user gets without setting anything
     "loss_type": "dpo",
     "beta": 0.1,
     "segment_length": 256,
@@ -39,18 +39,18 @@ def test_is_a_training_arguments_subclass(tmp_path):
     assert config.output_dir == str(tmp_path)
 
 
-@pytest.mark.parametrize("name, value", sorted(SPEC_DEFAULTS.items()))
-def test_defaults_match_spec(tmp_path, name, value):
+@pytest.mark.parametrize("name, value", sorted(PAPER_DEFAULTS.items()))
+def test_defaults_are_the_papers_settings(tmp_path, name, value):
     config = make(tmp_path)
     assert getattr(config, name) == value
     assert type(getattr(config, name)) is type(value)
     # The dataclass default itself, not just a value patched in afterwards; max_prompt_length alone
-    # is derived from max_length and segment_length when unset (SPEC §3), 2048 - 256 by default.
+    # is derived from max_length and segment_length when unset, 2048 - 256 by default.
     expected_default = None if name == "max_prompt_length" else value
     assert {f.name: f.default for f in dataclasses.fields(SAPOConfig)}[name] == expected_default
 
 
-def test_spec_example_is_accepted(tmp_path):
+def test_every_sapo_field_set_at_once_is_accepted(tmp_path):
     config = make(
         tmp_path,
         loss_type="orpo",
@@ -138,9 +138,9 @@ def sapo_fields() -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(SAPOConfig) if f.name not in base]
 
 
-def test_sapo_fields_include_the_spec_fields():
+def test_sapo_fields_include_the_papers_settings():
     names = {f.name for f in sapo_fields()}
-    assert set(SPEC_DEFAULTS) <= names
+    assert set(PAPER_DEFAULTS) <= names
 
 
 @pytest.mark.parametrize("field", sapo_fields(), ids=lambda f: f.name)

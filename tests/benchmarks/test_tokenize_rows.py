@@ -4,19 +4,14 @@ benchmark runs."""
 from __future__ import annotations
 
 import gc
-import sys
-from pathlib import Path
 
 import datasets
 import pytest
 from datasets import Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-import tokenize_rows  # noqa: E402
-
-from sapo.builtin.tiny import char_tokenizer  # noqa: E402
-from sapo.data import GOLD_IDS, PROMPT_IDS, prepare_dataset  # noqa: E402
+from benchmarks import tokenize_rows
+from sapo.builtin.tiny import char_tokenizer
+from sapo.data import GOLD_IDS, PROMPT_IDS, prepare_dataset
 
 datasets.disable_progress_bars()
 ROWS = tokenize_rows.make_rows(60, words_per_turn=(1, 12), seed=3)

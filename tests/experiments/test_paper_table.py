@@ -1,20 +1,16 @@
-"""benchmarks/paper_table.py: learning rates chosen on validation only, summaries, cost accounting."""
+"""experiments/paper_table.py: learning rates chosen on validation only, summaries, cost accounting."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from experiments import paper_methods, paper_table
+from sapo.builtin import BUILTIN_CHECKPOINTS
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import paper_methods  # noqa: E402
-import paper_table  # noqa: E402
-
-from sapo.builtin import BUILTIN_CHECKPOINTS  # noqa: E402
 
 
 def run(method, rate, seed, validation, test, task="addition"):
@@ -31,7 +27,10 @@ def test_learning_rate_is_chosen_on_validation_never_on_test():
         run("DPO", 3e-5, 0, validation=0.60, test=0.40),
         run("DPO", 1e-4, 1, validation=0.99, test=0.99),  # another seed does not take part
     ]
-    assert paper_table.choose_rates(runs, seed=0) == {("addition", "DPO"): 3e-5}
+    # DPO's ablations (``DPO, RPO``) take the rate chosen for DPO
+    ablations = [name for name, (base, _) in paper_methods.ABLATIONS.items() if base == "DPO"]
+    expected = {("addition", method): 3e-5 for method in ["DPO", *ablations]}
+    assert paper_table.choose_rates(runs, seed=0) == expected
 
 
 def test_ablations_take_the_rate_chosen_for_the_method_they_ablate():

@@ -5,7 +5,7 @@ or ``builtin:micro-worked-multiplication-sft``, a model too small for that task,
 ``--warm_start`` names another; ``recipes/warm-start/`` gives each one's curve and
 ``scripts/make_warm_start.py`` reproduces it) and trains for the same number of optimizer steps of
 the same batch size on the same prompts of the task's ``preference`` split, which the warm start
-never saw (``benchmarks/paper_methods.py`` says what each method does). The default tasks have long
+never saw (``experiments/paper_methods.py`` says what each method does). The default tasks have long
 answers (``worked-multiplication``, ``wide-worked-multiplication``, ``sorting``: 33-61 tokens) so
 that a segment is a local part of the answer; ``--tasks multiplication long-multiplication
 --segment_length 3`` runs the short ones.
@@ -17,8 +17,8 @@ trained at every seed with the rate chosen for the method it ablates. The table 
 match and test edit distance to the gold answer (mean ± standard deviation over seeds) of the
 chosen rate only, with each method's cost and, for SAPO, the fraction of its pairs that were ties.
 
-    python benchmarks/paper_table.py           # the full grid
-    python benchmarks/paper_table.py --quick   # a reduced grid, to check that every method runs
+    python -m experiments.paper_table           # the full grid
+    python -m experiments.paper_table --quick   # a reduced grid, to check that every method runs
 
 Writes ``table.md``, ``accuracy.png`` and ``results.json`` (the summary as
 ``{"tasks": {task: {"mean_answer_tokens", "methods": {method: {"mean", "std", ...}}}}}``, then
@@ -32,16 +32,19 @@ import argparse
 import dataclasses
 import json
 import multiprocessing
+import os
 import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+if not __package__:  # started as a file: run as the module (benchmarks/__init__.py)
+    os.execv(sys.executable, [sys.executable, "-m", "experiments.paper_table", *sys.argv[1:]])
+
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paper_methods import ABLATIONS, FAMILY, METHODS, Job, run_job, warm_start_name  # noqa: E402
+from experiments.paper_methods import ABLATIONS, FAMILY, METHODS, Job, run_job, warm_start_name
 
 LONG_ANSWER_TASKS = ("worked-multiplication", "wide-worked-multiplication", "sorting")
 GRIDS = {  # learning rates tried on the validation split, per family
@@ -331,7 +334,7 @@ def main(argv=None) -> int:
 
     summary = summarize(runs, rates, args.tasks, methods)
     table = markdown(summary, args.tasks, methods, args)
-    command = "python benchmarks/paper_table.py" + (" --quick" if args.quick else "")
+    command = "python -m experiments.paper_table" + (" --quick" if args.quick else "")
     (output / "table.md").write_text(f"{table}\nReproduce: `{command}` ({minutes:.1f} min).\n")
     title = f"Same SFT warm start, {args.steps} steps per method; learning rates chosen on validation"
     plot(summary, args.tasks, methods, output / "accuracy.png", title)
