@@ -67,8 +67,12 @@ class EMA(CopyWeights, Protocol):
         """``ema = decay * ema + (1 - decay) * policy``; counts one update."""
         ...
 
-    def sampling_model(self) -> AbstractContextManager[nn.Module]:
-        """A model to generate with, holding the averaged weights, for the ``with`` block."""
+    def sampling_model(self, whole: bool = True) -> AbstractContextManager[nn.Module]:
+        """A model to generate with, holding the averaged weights, for the ``with`` block.
+
+        ``whole=False``: the weights as they are stored (sharded, partitioned), for a reader that
+        gathers each weight itself (the vLLM backend's push); a forward is then collective.
+        """
         ...
 
 

@@ -207,13 +207,20 @@ class ShardedEMA(_ShardedWeights):
         self.num_updates += 1
 
     @contextlib.contextmanager
-    def sampling_model(self):
+    def sampling_model(self, whole: bool = True):
         """The EMA with whole weights: gathered once on entry, resharded on exit (all ranks enter).
 
         ``generate`` runs with ``synced_gpus=False``: transformers turns it on for FSDP modules,
         which keeps every rank decoding until the longest finishes, one all-reduce per token.
         With the weights whole no rank needs the others, and each stops at its own length.
+        ``whole=False``: sharded as it is stored (a forward gathers unit by unit), resharded on exit.
         """
+        if not whole:
+            try:
+                yield self.model
+            finally:
+                _reshard(self.model)
+            return
         units = [self.model.get_submodule(names[0]) for names in fsdp_units(self.model)]
         handles = [unit.unshard(async_op=True) for unit in units]
         for handle in handles:

@@ -151,9 +151,10 @@ class AdapterEMA(_AdapterWeights):
         _write(self.shadow, self._adapter, self.mode)
         self.num_updates += 1
 
-    def sampling_model(self):
-        """The model with the EMA adapter active (gathered whole under ZeRO-3)."""
-        if self.mode == "zero3":
+    def sampling_model(self, whole: bool = True):
+        """The model with the EMA adapter active (gathered whole under ZeRO-3 unless ``whole`` is
+        false)."""
+        if self.mode == "zero3" and whole:
             return _gathered_for_generation(self.engine, self.model)
         return _activated(self.model, EMA_ADAPTER)
 

@@ -221,8 +221,11 @@ class ZeroEMA(_PartitionedWeights):
         if self.sampler is not None:
             copy_slices(self.tensors(), self.sampler.module)
 
-    def sampling_model(self):
-        """The EMA with whole weights: gathered once on entry, released on exit (all ranks enter)."""
+    def sampling_model(self, whole: bool = True):
+        """The EMA with whole weights: gathered once on entry, released on exit (all ranks enter);
+        ``whole=False``: partitioned as it is stored (a forward gathers layer by layer)."""
+        if not whole:
+            return contextlib.nullcontext((self.sampler or self.engine).module)
         return whole_for_generation(self.sampler or self.engine)
 
 
