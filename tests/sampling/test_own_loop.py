@@ -185,5 +185,5 @@ def test_packing_respects_attention_windows():
 def test_backend_is_validated():
     with pytest.raises(ValueError, match="backend='vllm'"):
         Sampler(PAD, [EOS], backend="vllm")
-    with pytest.raises(ValueError, match="generation_backend='vllm'"):
-        SAPOConfig(output_dir="unused", generation_backend="vllm")
+    with pytest.raises(ValueError, match="generation_backend='vlm'"):
+        SAPOConfig(output_dir="unused", generation_backend="vlm")

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from sapo.builtin.tiny import tiny_llama
-from sapo.config import GENERATION_BACKENDS
 from sapo.sampling import Sampler
+from sapo.sampling.backends import TORCH_BACKENDS
 
 BACKEND = {"name": "auto"}
 
 
-@pytest.fixture(autouse=True, params=GENERATION_BACKENDS)
+@pytest.fixture(autouse=True, params=list(TORCH_BACKENDS))  # vLLM: tests/vllm_backend
 def backend(request, monkeypatch):
     monkeypatch.setitem(BACKEND, "name", request.param)
     return request.param

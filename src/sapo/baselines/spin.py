@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer
 
 from sapo.checkpoints import owning_output_dir
-from sapo.config import SHARED_FIELDS_DOC, PreferenceConfig
+from sapo.config import GENERATION_FIELDS_DOC, SHARED_FIELDS_DOC, GenerationOptions, PreferenceConfig
 from sapo.copies.whole import CopiedReference
 from sapo.data import GOLD_IDS, PROMPT_IDS, prepare_dataset
 from sapo.hub import SPIN, write_model_card
@@ -28,11 +28,12 @@ from sapo.objective import preference_objective
 from sapo.pairs import Pair
 from sapo.policy import eos_token_ids, prepare_policy
 from sapo.sampling import Sampler, evaluating
+from sapo.sampling.vllm import backend_for
 from sapo.scoring import pair_scorer, reference_logps
 
 
 @dataclass
-class SPINConfig(PreferenceConfig):
+class SPINConfig(PreferenceConfig, GenerationOptions):
     """
     Configuration of [`run_spin`]. Every [`~transformers.TrainingArguments`] field applies to each
     iteration's training (e.g. `num_train_epochs` per iteration).
@@ -49,7 +50,7 @@ class SPINConfig(PreferenceConfig):
         mix_previous_iteration (`bool`, *optional*, defaults to `True`):
             From the second iteration on, train on the previous iteration's pairs as well as the
             new ones (gold against the previous model's answers), as SPIN's recipe does; the
-            iteration's dataset then holds twice as many pairs.
+            iteration's dataset then holds twice as many pairs.{generation}
 
     > [!NOTE]
     > Defaults that differ from [`~transformers.TrainingArguments`]: `logging_steps=10`,
@@ -72,21 +73,29 @@ class SPINConfig(PreferenceConfig):
     def validate(self, check) -> None:
         check.positive("spin_iterations", "max_new_tokens", "generation_batch_size")
         check.positive("temperature", what="must be positive, or None for greedy")
+        self.check_generation(check)
         super().validate(check)
 
 
-SPINConfig.__doc__ = SPINConfig.__doc__.replace("{shared}", SHARED_FIELDS_DOC)
+SPINConfig.__doc__ = SPINConfig.__doc__.replace("{shared}", SHARED_FIELDS_DOC).replace(
+    "{generation}", GENERATION_FIELDS_DOC
+)
 
 
-def generate_answers(model, rows, tokenizer, args: SPINConfig, seed: int) -> list[list[int]]:
-    """The model's own answer to every prompt, batched, each ending at EOS or ``max_new_tokens``."""
+def generate_answers(
+    model, rows, tokenizer, args: SPINConfig, seed: int, backend="auto", version: int | None = None
+) -> list[list[int]]:
+    """The model's own answer to every prompt, batched, each ending at EOS or ``max_new_tokens``;
+    ``backend`` samples (a name or a :class:`~sapo.sampling.SamplingBackend`), ``version`` names
+    the model's weights (see :meth:`~sapo.sampling.Sampler.generate`)."""
     eos = eos_token_ids(model, tokenizer)
     if args.temperature is None:
-        sampler = Sampler.greedy(tokenizer.pad_token_id, eos, seed=seed)
+        sampler = Sampler.greedy(tokenizer.pad_token_id, eos, seed=seed, backend=backend)
     else:
         sampler = Sampler(
-            tokenizer.pad_token_id, eos, temperature=args.temperature, top_p=1.0, top_k=0, seed=seed
-        )
+            tokenizer.pad_token_id, eos, temperature=args.temperature, top_p=1.0, top_k=0, seed=seed,
+            backend=backend,
+        )  # fmt: skip
     answers = []
     with evaluating(model):
         for start in tqdm(
@@ -94,7 +103,7 @@ def generate_answers(model, rows, tokenizer, args: SPINConfig, seed: int) -> lis
         ):
             prompts = [prompt for prompt, _ in rows[start : start + args.generation_batch_size]]
             limits = [max(1, min(args.max_new_tokens, (args.max_length or 10**9) - len(p))) for p in prompts]
-            answers.extend(sampler.generate(model, prompts, limits))
+            answers.extend(sampler.generate(model, prompts, limits, version=version))
     return answers
 
 
@@ -159,11 +168,14 @@ def _iterations(model, args: SPINConfig, train_dataset: Dataset, processing_clas
     model, tokenizer = prepare_policy(model, args, processing_class)
     data = prepare_dataset(train_dataset, tokenizer, args.max_length, args.max_prompt_length)
     rows = list(zip(data[PROMPT_IDS], data[GOLD_IDS]))
+    backend = backend_for(args, model, args.max_length, seed=args.seed)
     histories = []
     previous: list[Pair] = []  # the last iteration's pairs, mixed into the next one
     for iteration in range(args.spin_iterations):
         started = time.perf_counter()
-        answers = generate_answers(model, rows, tokenizer, args, seed=args.seed + iteration)
+        answers = generate_answers(
+            model, rows, tokenizer, args, seed=args.seed + iteration, backend=backend, version=iteration
+        )
         generation = {
             "spin/iteration": iteration + 1,
             "spin/generated_tokens": sum(len(answer) for answer in answers),

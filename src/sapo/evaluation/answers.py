@@ -37,12 +37,17 @@ def answer_conversations(
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = False,
+    backend="auto",
+    version: int | None = None,
 ) -> list[str]:
     """The next assistant turn of every conversation, in order.
 
     ``temperatures[i]`` samples conversation ``i`` (0: greedy); conversations that share a
     temperature are batched together, longest prompts first. An answer has at most
     ``max_new_tokens`` tokens and never runs past the model's ``max_position_embeddings``.
+    ``backend`` samples (a name or a :class:`~sapo.sampling.SamplingBackend`); ``version`` names
+    ``model``'s weights (``None``: unknown, an engine that copies them refreshes its copy at
+    every batch).
     """
     if len(conversations) != len(temperatures):
         raise ValueError("conversations and temperatures differ in length")
@@ -56,17 +61,20 @@ def answer_conversations(
         for temperature in sorted(set(temperatures)):
             rows = [i for i, t in enumerate(temperatures) if t == temperature and limits[i] > 0]
             rows.sort(key=lambda i: -len(prompts[i]))
-            sampler = _sampler(pad, eos, temperature, top_p, seed)
+            sampler = _sampler(pad, eos, temperature, top_p, seed, backend)
             starts = range(0, len(rows), batch_size)
             for start in tqdm(starts, desc=f"Answers (temperature {temperature})", disable=not progress):
                 batch = rows[start : start + batch_size]
-                tokens = sampler.generate(model, [prompts[i] for i in batch], [limits[i] for i in batch])
+                prefixes, batch_limits = [prompts[i] for i in batch], [limits[i] for i in batch]
+                tokens = sampler.generate(model, prefixes, batch_limits, version=version)
                 for i, ids in zip(batch, tokens):
                     answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
     return answers
 
 
-def _sampler(pad_token_id: int, eos: list[int], temperature: float, top_p: float, seed: int):
+def _sampler(pad_token_id: int, eos: list[int], temperature: float, top_p: float, seed: int, backend):
     if temperature == 0:
-        return Sampler.greedy(pad_token_id, eos, seed=seed)
-    return Sampler(pad_token_id, eos, temperature=temperature, top_p=top_p, top_k=0, seed=seed)
+        return Sampler.greedy(pad_token_id, eos, seed=seed, backend=backend)
+    return Sampler(
+        pad_token_id, eos, temperature=temperature, top_p=top_p, top_k=0, seed=seed, backend=backend
+    )

@@ -40,20 +40,26 @@ def margin_batches(
     temperature: float = 0.7,
     top_p: float = 0.95,
     top_k: int = 50,
+    backend="auto",
+    version: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Per batch of rows, the gold answers' summed log-probs and the margins
     ``log p(gold) - log p(rejected)``. Cuts and sampling are seeded by ``seed``, so two models
-    evaluated with the same seed see the same cut points."""
+    evaluated with the same seed see the same cut points. ``backend`` samples the segments (a
+    name or a :class:`~sapo.sampling.SamplingBackend`); ``version`` names ``model``'s weights
+    (``None``: unknown, an engine that copies them refreshes its copy at every batch)."""
     if not rows:
         raise ValueError("no rows to evaluate")
     cut_generator = torch.Generator().manual_seed(seed)
-    sampler = Sampler(pad_token_id, eos_token_ids, temperature, top_p, top_k, seed=seed)
+    sampler = Sampler(pad_token_id, eos_token_ids, temperature, top_p, top_k, seed=seed, backend=backend)
     device = next(model.parameters()).device
     with evaluating(model):
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             with torch.no_grad():
-                pairs = self_augmented_pairs(model, chunk, sampler, cut_generator, segment_length, None).pairs
+                pairs = self_augmented_pairs(
+                    model, chunk, sampler, cut_generator, segment_length, None, version=version
+                ).pairs
                 batch = {k: v.to(device) for k, v in collate_pairs(pairs, pad_token_id).items()}
                 logps, _ = completion_logps(model, batch)
             chosen, rejected = logps.chunk(2)
@@ -79,15 +85,18 @@ def greedy_answers(
     eos_token_ids: Sequence[int],
     batch_size: int = 256,
     progress: bool = False,
+    backend="auto",
+    version: int | None = None,
 ) -> Iterator[list[int]]:
     """The greedy answer to every prompt (at most ``limits[i]`` tokens, ending at its first
-    end-of-answer id), in order, ``batch_size`` prompts per batched call."""
-    greedy = Sampler.greedy(pad_token_id, eos_token_ids)
+    end-of-answer id), in order, ``batch_size`` prompts per batched call (``backend``,
+    ``version``: as for :func:`margin_batches`)."""
+    greedy = Sampler.greedy(pad_token_id, eos_token_ids, backend=backend)
     starts = range(0, len(prompts), batch_size)
     with evaluating(model):
         for start in tqdm(starts, desc="Greedy answers", disable=not progress, leave=False):
             stop = start + batch_size
-            yield from greedy.generate(model, prompts[start:stop], limits[start:stop])
+            yield from greedy.generate(model, prompts[start:stop], limits[start:stop], version=version)
 
 
 def greedy_accuracy(
@@ -97,6 +106,8 @@ def greedy_accuracy(
     eos_token_ids: Sequence[int],
     batch_size: int = 256,
     progress: bool = False,
+    backend="auto",
+    version: int | None = None,
 ) -> float:
     """Exact-match accuracy: the fraction of rows whose greedy answer is the gold answer.
 
@@ -106,8 +117,9 @@ def greedy_accuracy(
         raise ValueError("no rows to evaluate")
     prompts, golds = [prompt for prompt, _ in rows], [list(gold) for _, gold in rows]
     answers = greedy_answers(
-        model, prompts, [len(gold) for gold in golds], pad_token_id, eos_token_ids, batch_size, progress
-    )
+        model, prompts, [len(gold) for gold in golds], pad_token_id, eos_token_ids, batch_size, progress,
+        backend=backend, version=version,
+    )  # fmt: skip
     return sum(answer == gold for answer, gold in zip(answers, golds)) / len(rows)
 
 
@@ -121,22 +133,27 @@ def held_out_scores(
     seed: int = 0,
     batch_size: int = 64,
     progress: bool = False,
+    backend="auto",
+    version: int | None = None,
     **sampling: float,
 ) -> dict[str, float]:
     """``gold_logp``, ``margin`` and ``win_rate`` of ``model`` on ``rows`` (plus exact-match
     ``accuracy`` when asked), with a progress bar.
 
-    ``sampling`` takes ``temperature``, ``top_p`` and ``top_k`` for the model's own segments.
+    ``sampling`` takes ``temperature``, ``top_p`` and ``top_k`` for the model's own segments;
+    ``backend`` and ``version``: as for :func:`margin_batches`.
     """
+    engine = {"backend": backend, "version": version}
     batches = margin_batches(
-        model, rows, pad_token_id, eos_token_ids, segment_length, seed=seed, batch_size=batch_size, **sampling
-    )
+        model, rows, pad_token_id, eos_token_ids, segment_length, seed=seed, batch_size=batch_size,
+        **engine, **sampling,
+    )  # fmt: skip
     total = -(-len(rows) // batch_size)
     results = summarize_margins(
         list(tqdm(batches, total=total, desc="Margin", disable=not progress, leave=False))
     )
     if with_accuracy:
         results["accuracy"] = greedy_accuracy(
-            model, rows, pad_token_id, eos_token_ids, batch_size=batch_size, progress=progress
+            model, rows, pad_token_id, eos_token_ids, batch_size=batch_size, progress=progress, **engine
         )
     return results
