@@ -22,9 +22,9 @@ the trainer picks by default. The update-only methods use a trainer whose ``gene
 nothing, on a buffer filled with the same pairs.
 
 A step is timed by a ``TrainerCallback`` (``step_time_parts.StepTimer``) from the end of the
-previous step's logging to ``on_step_end``: Trainer's fetch of the batch (where SAPO generates,
-before ``on_step_begin``), forward, backward, optimizer, and SAPO's EMA update and reference sync;
-"begin->end" is ``on_step_begin`` → ``on_step_end`` alone. The first ``--warmup`` steps of every
+previous step's logging to ``on_step_end``: Trainer's fetch of the batch, SAPO's generation
+(wherever the trainer runs it), forward, backward, optimizer, and SAPO's EMA update and reference
+sync; "begin->end" is ``on_step_begin`` → ``on_step_end`` alone. The first ``--warmup`` steps of every
 ``train()`` call are skipped. Generation throughput comes from the trainer's own logged
 ``sapo/generation_seconds`` and ``sapo/segment_tokens``. Methods are interleaved over
 ``--rounds`` so that a change in background load hits all of them alike, in a new order each

@@ -31,8 +31,8 @@ class StepTimer(TrainerCallback):
 
     A step runs from the end of the previous step's last hook (``on_step_end``, or ``on_log`` when
     the step logged) to this step's ``on_step_end``: it takes in Trainer's fetch of the batch
-    (where SAPO generates, before ``on_step_begin``), the forward, backward and optimizer step,
-    and the callbacks that run before this one at ``on_step_end`` (add it last), and leaves out
+    (before ``on_step_begin``), SAPO's generation, the forward, backward and optimizer step, and
+    the callbacks that run before this one at ``on_step_end`` (add it last), and leaves out
     the previous step's logging. ``windows`` holds ``on_step_begin`` → ``on_step_end`` alone.
     The first ``warmup`` steps are not recorded. From SAPO's logged metrics (log every step) it
     keeps the share of reused reference log-probs and the generation seconds and segment tokens.
