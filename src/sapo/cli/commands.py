@@ -186,6 +186,7 @@ def _training_job(
             if stop.stopped_at is None:
                 with writing("the model", config.output_dir):
                     trainer.save_model(config.output_dir)
+                    trainer.save_state()  # trainer_state.json: the logged metrics beside the model
                     if card_names is not None:  # a push goes again with the names, as TRL's scripts do
                         write_card = trainer.push_to_hub if config.push_to_hub else trainer.create_model_card
                         write_card(**card_names)
