@@ -1,4 +1,4 @@
-"""A worker for tests/benchmarks/test_harness.py: ``allocates`` touches ``mib`` MiB, ``baseline``
+"""A worker for tests/benchmarks/test_benchmark_harness.py: ``allocates`` touches ``mib`` MiB, ``baseline``
 nothing; both report their peak resident memory, as a benchmark's workers do."""
 
 from __future__ import annotations
