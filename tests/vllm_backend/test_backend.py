@@ -93,6 +93,20 @@ def test_a_push_changes_the_output_and_pushing_back_restores_it(tokenizer, backe
     assert len(pushes) == 3
 
 
+def test_a_call_longer_than_one_engine_step_reproduces(tokenizer, backend):
+    """Prefixes of more tokens than the engine prefills in one step: whole prompts are prefilled
+    step after step (vLLM 0.32's chunked prefill rewinds a seeded request's generator, which fails
+    on a CPU), and the seeds still reproduce."""
+    model, rows = small(tokenizer, 6), prefixes(tokenizer, [300] * 32, seed=2)  # 9,600 prefix tokens
+    first, again = (
+        Sampler(tokenizer.pad_token_id, [STOP], seed=1, backend=backend).generate(
+            model, rows, [3] * 32, version=0
+        )
+        for _ in range(2)
+    )
+    assert first == again and all(len(tokens) >= 1 for tokens in first)
+
+
 def test_with_sleep_mode_every_wake_pushes_again(tokenizer, backend, monkeypatch):
     """Sleep mode needs a GPU: the order of wake, push, generate and sleep is checked on the CPU
     engine with its sleep and wake recorded."""

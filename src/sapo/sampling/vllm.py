@@ -136,6 +136,13 @@ class VLLMBackend:
             enable_sleep_mode=enable_sleep_mode,
             enforce_eager=not on_gpu,  # CUDA graphs only where there is CUDA
         )
+        if not on_gpu:
+            # a prompt prefilled in chunks rewinds its request's generator, which a CPU generator
+            # cannot do (vLLM 0.32 fails): prefill whole prompts, as many per step as fit
+            longest = max_model_length or self.config.max_position_embeddings
+            self.engine_options.update(
+                enable_chunked_prefill=False, max_num_batched_tokens=max(longest, 8192)
+            )
 
     def sample(self, model, prefixes, limits, settings: SamplingSettings, version=None):
         # drawn first, from the generator the sampler seeded: building the engine reseeds it
