@@ -12,7 +12,15 @@ the same setup, the DPO losses and margins, and the share of trainable weights t
 bfloat16 step of 5e-7 would leave nearly all of them as they were). Then it times sapo's sampling
 loop (``generation_backend="auto"``) against transformers' ``generate`` on the same prefixes.
 
-    bash scripts/gpu_check.sh            # one CUDA GPU; under 8 minutes on an H100-class GPU
+On the GPU it trains twice more with ``generation_backend="vllm"`` (where vLLM is installed:
+``pip install "sapo[vllm]"``): full fine-tuning, the EMA pushed into a bfloat16 engine after every
+update; and LoRA with ``vllm_enable_sleep_mode`` (the engine sleeps between generation calls and
+the merged EMA adapter is pushed again at every wake). Each run reports its generation seconds per
+step beside the own loop's (``generation_seconds``) and how often the engine's greedy tokens equal
+the own loop's on the EMA after training (``greedy_agreement``; bfloat16 kernels differ, so near
+ties may go either way).
+
+    bash scripts/gpu_check.sh            # one CUDA GPU; under 10 minutes on an H100-class GPU
     bash scripts/gpu_check.sh --tiny     # a tiny model on the CPU (the test suite runs this)
 
 Without CUDA it runs the tiny mode. It prints one JSON line.
@@ -77,7 +85,9 @@ def build_model(size: str, dtype, device: str):
 
 
 def train(mode: str, settings: dict, device: str) -> dict:
-    """A few SAPO-DPO steps, full or LoRA; what moved and the memory next to the plan."""
+    """A few SAPO-DPO steps, full or LoRA (``mode``: ``full``, ``lora``, ``vllm``: full through
+    the vLLM engine, ``vllm_lora_sleep``: LoRA through the engine in sleep mode); what moved, the
+    memory next to the plan and the generation seconds."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -88,7 +98,7 @@ def train(mode: str, settings: dict, device: str) -> dict:
     from sapo.planning import GIB, Setup, model_shape, plan_memory
     from sapo.planning.memory import CUDA_RUNTIME
 
-    lora = mode == "lora"
+    lora, vllm = "lora" in mode, mode.startswith("vllm")
     model, tokenizer = build_model(settings["size"], torch.bfloat16 if lora else torch.float32, device)
     length = settings["prompt_chars"] + settings["answer_chars"] + 1
     data = rows(settings["rows"], settings["prompt_chars"], settings["answer_chars"])
@@ -100,13 +110,21 @@ def train(mode: str, settings: dict, device: str) -> dict:
             gradient_checkpointing=True, segment_length=settings["segment_length"], max_length=length,
             max_prompt_length=settings["prompt_chars"], replay_buffer_size=64, logging_steps=1,
             save_strategy="no", report_to="none", disable_tqdm=True, seed=0, use_cpu=device == "cpu",
+            generation_backend="vllm" if vllm else "auto", vllm_enable_sleep_mode=mode.endswith("sleep"),
         )  # fmt: skip
         peft_config = (
             LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0) if lora else None
         )
-        trainer = SAPOTrainer(
-            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
-        )
+        try:
+            trainer = SAPOTrainer(
+                model=model,
+                args=args,
+                train_dataset=dataset,
+                processing_class=tokenizer,
+                peft_config=peft_config,
+            )
+        except ValueError as error:  # vLLM not installed
+            return {"error": str(error)}
         trainer.remove_callback(PrinterCallback)  # the one line printed is the report
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
         if device == "cuda":
@@ -133,6 +151,9 @@ def train(mode: str, settings: dict, device: str) -> dict:
             "train_seconds": round(seconds, 1),
             "losses": [entry["loss"] for entry in logged if "loss" in entry],
             "margins": [entry["rewards/margins"] for entry in logged if "rewards/margins" in entry],
+            "generation_seconds": [
+                round(e["sapo/generation_seconds"], 3) for e in logged if "sapo/generation_seconds" in e
+            ],
             "weights_moved_fraction": round(moved / sum(p.numel() for p in before.values()), 4),
             "plan_peak_gb": round(plan.peak / GIB, 3),
             "plan_peak_phase": plan.peak_phase,
@@ -143,9 +164,27 @@ def train(mode: str, settings: dict, device: str) -> dict:
             result["peak_allocated_gb"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
             result["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
             result["plan_without_cuda_runtime_gb"] = round((plan.peak - CUDA_RUNTIME) / GIB, 3)
-        if not lora:
+        if mode == "full":
             result["generation"] = sampling_speed(trainer, dataset, settings)
+        if vllm:
+            result["greedy_agreement"] = greedy_agreement(trainer, dataset, settings)
     return result
+
+
+def greedy_agreement(trainer, dataset, settings: dict) -> float:
+    """The fraction of rows whose greedy tokens from the vLLM engine equal the own loop's on the
+    EMA (under the training autocast)."""
+    from sapo.sampling import Sampler
+
+    prefixes = list(dataset["prompt_ids"][: settings["generation_rows"]])
+    limits = [settings["new_tokens"]] * len(prefixes)
+    pad = trainer.processing_class.pad_token_id
+    answers = []
+    with trainer.ema.sampling_model() as model, trainer.accelerator.autocast():
+        for backend in (trainer.sampler.backend, "auto"):
+            greedy = Sampler.greedy(pad, trainer.eos_token_ids, backend=backend)
+            answers.append(greedy.generate(model, prefixes, limits, version=trainer.ema.num_updates))
+    return sum(a == b for a, b in zip(*answers)) / len(prefixes)
 
 
 def sampling_speed(trainer, dataset, settings: dict) -> dict:
@@ -212,11 +251,17 @@ def main(argv=None) -> None:
         "tiny": tiny,
         "settings": settings,
     }
-    for mode in ("full", "lora"):
+    # vLLM's CPU attention refuses the tiny model's head size: the engine runs on the GPU only
+    for mode in ("full", "lora") + (() if tiny else ("vllm", "vllm_lora_sleep")):
         print(f"training SAPO-DPO ({mode}) ...", file=sys.stderr, flush=True)
         report[mode] = train(mode, settings, device)
         if device == "cuda":
             torch.cuda.empty_cache()
+    report["generation_seconds"] = {  # per generation step, mean over the run: vLLM beside the own loop
+        mode: round(sum(run["generation_seconds"]) / len(run["generation_seconds"]), 3)
+        for mode, run in report.items()
+        if isinstance(run, dict) and run.get("generation_seconds")
+    }
     report["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report))
 
