@@ -90,10 +90,10 @@ def test_marks_keep_the_spacing_of_the_whole_answer():
     assert record["rejected"].replace(OPEN, "").replace(CLOSE, "") == "the dog sat"
 
 
-def callback_run(tmp_path, tokenizer, pairs, steps, every, world_zero=True):
+def callback_run(tmp_path, tokenizer, pairs, steps, every, world_zero=True, max_steps=0):
     args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to="none")
     callback = PairLogCallback(tokenizer, lambda: pairs, every=every, count=2)
-    state = TrainerState(is_world_process_zero=world_zero)
+    state = TrainerState(is_world_process_zero=world_zero, max_steps=max_steps)
     for step in range(1, steps + 1):
         state.global_step = step
         callback.on_step_end(args, state, TrainerControl())
@@ -120,6 +120,14 @@ def test_the_callback_appends_the_newest_pairs_every_n_steps(tmp_path, tokenizer
     assert [record["step"] for record in records] == [3, 3, 6, 6]
     assert [record["generated_at_step"] for record in records] == [3, 4, 3, 4]  # the newest two
     assert records[0]["rejected"] == f"{OPEN}9{CLOSE}"
+
+
+def test_the_last_step_of_a_run_logs_its_pairs_too(tmp_path, tokenizer):
+    pairs = spliced_pairs(tokenizer, 5)
+    path = callback_run(tmp_path, tokenizer, pairs, steps=4, every=100, max_steps=4)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [record["step"] for record in records] == [4, 4]  # a 4-step run with the default of 100
+    assert [record["generated_at_step"] for record in records] == [3, 4]
 
 
 def test_only_the_main_process_writes(tmp_path, tokenizer):

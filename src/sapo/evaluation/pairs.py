@@ -86,8 +86,8 @@ def describe_pair(pair: Pair, tokenizer) -> dict[str, Any]:
 
 
 class PairLogCallback(TrainerCallback):
-    """Every ``every`` optimizer steps, the newest ``count`` buffer pairs (``pairs()`` returns
-    the buffer's items, oldest first) as records in ``output_dir/pairs.jsonl``."""
+    """Every ``every`` optimizer steps and at the last one, the newest ``count`` buffer pairs
+    (``pairs()`` returns the buffer's items, oldest first) as records in ``output_dir/pairs.jsonl``."""
 
     def __init__(self, tokenizer, pairs: Callable[[], list[Pair]], every: int, count: int = PAIRS_PER_LOG):
         self.tokenizer, self.pairs, self.every, self.count = tokenizer, pairs, every, count
@@ -112,7 +112,9 @@ class PairLogCallback(TrainerCallback):
         os.replace(path + ".tmp", path)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.every or not state.is_world_process_zero:
+        # every `every` steps, and at the run's last step: a short run shows its pairs too
+        due = state.global_step % self.every == 0 or state.global_step == state.max_steps
+        if not due or not state.is_world_process_zero:
             return
         newest = self.pairs()[-self.count :]
         if not newest:
