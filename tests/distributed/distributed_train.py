@@ -23,32 +23,13 @@ import torch
 import torch.distributed as dist
 import transformers
 from datasets import Dataset
+from fsdp_on_cpu import allow_fsdp_on_cpu
 from peft import LoraConfig
 from torch.distributed.tensor import DTensor
 
 from sapo import SAPOConfig, SAPOTrainer
 from sapo.builtin.tiny import char_tokenizer, tiny_llama
 from sapo.copies.zero3 import is_partitioned
-
-
-def allow_fsdp_on_cpu() -> None:
-    """accelerate turns FSDP on only for accelerators (CPU processes stay MULTI_CPU); lift that one
-    check so that the Trainer + accelerate FSDP2 path runs here as it does on GPUs."""
-    import accelerate.state
-    from accelerate.utils import DistributedType
-
-    original = accelerate.state.AcceleratorState.__init__
-
-    def init(self, *args, fsdp_plugin=None, **kwargs):
-        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            self.distributed_type = DistributedType.FSDP
-            if self._mixed_precision != "no":  # as accelerate does on accelerators
-                fsdp_plugin.set_mixed_precision(self._mixed_precision)
-            self.fsdp_plugin = fsdp_plugin
-
-    accelerate.state.AcceleratorState.__init__ = init
-
 
 transformers.logging.set_verbosity_error()
 datasets.disable_progress_bars()

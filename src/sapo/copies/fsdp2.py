@@ -213,13 +213,18 @@ class ShardedEMA(_ShardedWeights):
         ``generate`` runs with ``synced_gpus=False``: transformers turns it on for FSDP modules,
         which keeps every rank decoding until the longest finishes, one all-reduce per token.
         With the weights whole no rank needs the others, and each stops at its own length.
-        ``whole=False``: sharded as it is stored (a forward gathers unit by unit), resharded on exit.
+        ``whole=False``: sharded as it is stored (a forward gathers unit by unit), resharded on exit
+        where a forward ran (before any, FSDP2 has nothing to reset).
         """
         if not whole:
+            forwards = []
+            hook = self.model.register_forward_pre_hook(lambda *_: forwards.append(1))
             try:
                 yield self.model
             finally:
-                _reshard(self.model)
+                hook.remove()
+                if forwards:
+                    _reshard(self.model)
             return
         units = [self.model.get_submodule(names[0]) for names in fsdp_units(self.model)]
         handles = [unit.unshard(async_op=True) for unit in units]

@@ -39,6 +39,7 @@ generation from ``prompt + gold[:cut]`` would not share their keys and values an
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import gc
@@ -268,7 +269,19 @@ def _build(backend: VLLMBackend, key: str) -> _Engine:
             options["distributed_executor_backend"] = "external_launcher"
             options["seed"] = backend.seed + torch.distributed.get_rank()
         llm = LLM(**options)
+    if distributed:
+        atexit.register(_release_engine_groups)
     return _Engine(key, llm, folder, made_process_group=not distributed)
+
+
+def _release_engine_groups() -> None:
+    """At exit, before ``SAPOTrainer`` ends the run's process group (``atexit`` runs this first:
+    registered later): end the groups vLLM built on it. vLLM's own teardown comes after the run's
+    group is gone, and its groups could then no longer be ended."""
+    from vllm.distributed.parallel_state import destroy_model_parallel, get_world_group
+
+    destroy_model_parallel()
+    get_world_group().destroy()  # vLLM's world groups, not the run's (destroy() is idempotent)
 
 
 @contextlib.contextmanager
