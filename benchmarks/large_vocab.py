@@ -18,6 +18,8 @@ settings (AdamW, float32, an explicit reference model), each through its trainer
   SAPO's loop, then the update step): the whole SAPO step. The last line's ``total_vs_trl_dpo``
   is its median step over TRL's, with the generation seconds per step and the segment tokens per
   second of generation (SAPO's logged ``sapo/generation_seconds`` and ``sapo/segment_tokens``);
+- ``sapo_total_torch_threads`` (not run by default): the same, sampling with torch's threads
+  instead of one (``generation_num_threads=None``);
 - ``sapo_update_unchunked`` (not run by default): the same with ``logprob_chunk_size=0``, the
   LM head over all scored positions at once;
 - ``scoring`` and ``scoring_full_sums`` (not run by default): the policy's packed scoring alone, a
@@ -64,6 +66,7 @@ SAPO_OPTIONS = {
     "sapo_update": {"generate": False},
     "sapo_update_unchunked": {"generate": False, "logprob_chunk_size": 0},
     "sapo_total": {"generate": True},
+    "sapo_total_torch_threads": {"generate": True, "generation_num_threads": None},
 }
 CONFIGS = ("baseline", "trl_dpo", *SAPO_OPTIONS, "scoring", "scoring_full_sums")
 DEFAULT_CONFIGS = ("trl_dpo", "sapo_update", "sapo_total")
@@ -267,11 +270,12 @@ def main(argv=None) -> dict:
     }
     if prefix_left_out["time"] is not None:
         print(f"scoring without / with the shared prefix: {prefix_left_out}")
-    generation = generation_rates(runs.get("sapo_total"))
-    if generation["generation_s_per_step"] is not None:
+    generating = [config for config in trained if SAPO_OPTIONS.get(config, {}).get("generate")]
+    generation = {config: generation_rates(runs[config]) for config in generating}
+    for config, rates in generation.items():
         print(
-            f"sapo_total: generation {generation['generation_s_per_step']:.2f} s per step, "
-            f"{generation['generation_tokens_per_s']:.1f} segment tokens/s"
+            f"{config}: generation {rates['generation_s_per_step']:.2f} s per step, "
+            f"{rates['generation_tokens_per_s']:.1f} segment tokens/s"
         )
     summary = {
         "benchmark": "large_vocab",
@@ -279,7 +283,7 @@ def main(argv=None) -> dict:
         "peak_memory_vs_trl_dpo": ratio(above, "sapo_update"),
         "update_cpu_vs_trl_dpo": ratio(cpu_ms, "sapo_update"),
         "total_vs_trl_dpo": ratio(step_ms, "sapo_total"),
-        **generation,
+        **generation.get("sapo_total", generation_rates(None)),
         "vocab_size": options.vocab_size,
         **{
             f"{config}_vs_trl_dpo": ratio(step_ms, config) for config in trained if config.startswith("sapo_")
@@ -289,6 +293,7 @@ def main(argv=None) -> dict:
             for config in trained
             if config.startswith("sapo_")
         },
+        "generation": generation,
         "shared_prefix_left_out_vs_scored": prefix_left_out if prefix_left_out["time"] is not None else None,
         "median_step_ms": {config: round(value, 1) for config, value in step_ms.items()},
         "median_step_cpu_ms": {config: round(value, 1) for config, value in cpu_ms.items()},
@@ -308,7 +313,7 @@ def main(argv=None) -> dict:
 
 def generation_rates(run: dict | None) -> dict:
     """Generation seconds per measured step and segment tokens per second of generation."""
-    if not run or not run["steps_s"] or not run["generation_s"]:
+    if not run or not run["steps_s"] or not run.get("generation_s"):
         return {"generation_s_per_step": None, "generation_tokens_per_s": None}
     return {
         "generation_s_per_step": round(run["generation_s"] / len(run["steps_s"]), 3),

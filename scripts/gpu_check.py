@@ -191,7 +191,7 @@ def sampling_speed(trainer, dataset, settings: dict) -> dict:
     """Tokens per second of sapo's sampling loop and of ``generate`` on the EMA, same prefixes."""
     import torch
 
-    from sapo.generation import SegmentGenerator
+    from sapo.sampling import Sampler
 
     prefixes = list(dataset["prompt_ids"][: settings["generation_rows"]])
     limits = [settings["new_tokens"]] * len(prefixes)
@@ -199,9 +199,7 @@ def sampling_speed(trainer, dataset, settings: dict) -> dict:
     with trainer.ema.sampling_model() as model, trainer.accelerator.autocast():
         for backend in ("auto", "transformers", "auto", "transformers"):  # the first two warm up
             pad = trainer.processing_class.pad_token_id
-            sampler = SegmentGenerator(
-                pad_token_id=pad, eos_token_ids=trainer.eos_token_ids, seed=0, backend=backend
-            )
+            sampler = Sampler(pad_token_id=pad, eos_token_ids=trainer.eos_token_ids, seed=0, backend=backend)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             started = time.perf_counter()

@@ -91,7 +91,7 @@ def chunkable_head(model: nn.Module) -> nn.Module | None:
 
 
 @contextlib.contextmanager
-def _head_inputs(head: nn.Module) -> Iterator[list[torch.Tensor]]:
+def head_inputs(head: nn.Module) -> Iterator[list[torch.Tensor]]:
     """Record what ``head`` is called with in the block, and hand it an empty slice instead:
     the model's forward then computes no logits, and the recorded hidden states are scored here."""
     recorded: list[torch.Tensor] = []
@@ -130,7 +130,7 @@ def position_logps(
     if head is None:
         logits = model(**inputs, use_cache=False, **trimmed).logits
         return selective_log_softmax(logits, targets).float().flatten(0, 1).index_select(0, positions)
-    with _head_inputs(head) as recorded:
+    with head_inputs(head) as recorded:
         model(**inputs, use_cache=False, **trimmed)
     if len(recorded) != 1:
         raise RuntimeError(f"the LM head ran {len(recorded)} times in one forward; expected once")

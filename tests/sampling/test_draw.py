@@ -12,6 +12,9 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
+from sapo.builtin.tiny import char_tokenizer, tiny_llama
+from sapo.sampling import SamplingSettings
+from sapo.sampling.backends import generation_config
 from sapo.sampling.draw import NUCLEUS_SIZES, candidate_distribution, draw_next_tokens
 
 # chi-square statistic exceeded with probability 1e-4, by degrees of freedom
@@ -29,6 +32,25 @@ def warped_probabilities(logits, temperature, top_k, top_p):
     if top_p < 1.0:
         warpers.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
     return torch.softmax(warpers(None, logits.clone()), dim=-1)
+
+
+@pytest.mark.parametrize("knobs", [(0.7, 50, 0.95), (0.5, 5, 0.5), (1.3, 0, 0.9), (1.0, 3, 1.0)])
+def test_the_reference_is_what_generate_samples_from(knobs):
+    """`warped_probabilities`, the reference of these tests, warps as `generate` does: from the
+    model's logits at each step it gives the softmax of `generate`'s own processed scores."""
+    tokenizer = char_tokenizer()
+    model = tiny_llama(tokenizer, seed=1, tie_word_embeddings=False).eval()
+    temperature, top_k, top_p = knobs
+    settings = SamplingSettings(tokenizer.pad_token_id, (tokenizer.eos_token_id,), temperature, top_p, top_k)
+    output = model.generate(
+        input_ids=torch.tensor([[40, 41, 42], [50, 51, 52]]),
+        generation_config=generation_config(settings, 6),
+        output_logits=True,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    for logits, scores in zip(output.logits, output.scores):
+        assert torch.equal(warped_probabilities(logits, *knobs), torch.softmax(scores, dim=-1))
 
 
 def draw_probabilities(logits, temperature, top_k, top_p):
@@ -55,6 +77,10 @@ def assert_same_distribution(logits, temperature, top_k, top_p):
         each = per_value.scatter_reduce(0, group, expected[row].double(), "amax")[group]
         kept = drawn[row] > 0
         assert torch.allclose(drawn[row][kept].double(), each[kept], rtol=1e-5, atol=1e-7)
+        kept_count = per_value.scatter_add(0, group, kept.double())
+        for partly_kept in torch.nonzero((kept_count > 0) & (kept_count < group.bincount())).flatten():
+            members = group == partly_kept
+            assert kept[members].nonzero().max() < (~kept & members).nonzero().min()  # the lowest ids
     return drawn
 
 
@@ -103,8 +129,15 @@ def test_top_p_edge_cases():
     equal = torch.zeros(1, 4)
     assert (assert_same_distribution(equal, 1.0, 0, 0.5)[0] > 0).sum() == 2
     assert (assert_same_distribution(equal, 1.0, 4, 0.5)[0] > 0).sum() == 2
-    # equal logits at the boundary: as many kept as transformers keeps, the lowest ids
-    assert (assert_same_distribution(equal, 1.0, 0, 0.6)[0] > 0).tolist() == [True, True, False, False]
+    # equal logits at the boundary: as many kept as transformers keeps (0.25 <= 0.4 removed), the
+    # lowest ids
+    assert (assert_same_distribution(equal, 1.0, 0, 0.6)[0] > 0).tolist() == [True, True, True, False]
+    among_top_k = torch.tensor([[0.0, 0.0, -9.0, 0.0, 0.0]])
+    kept = assert_same_distribution(among_top_k, 1.0, 4, 0.6)[0] > 0
+    assert kept.tolist() == [True, True, False, True, False]
+    # a top_p below float32's resolution: every cumulative probability is removed but the last's
+    assert (assert_same_distribution(logits, 1.0, 0, 1e-9)[0] > 0).tolist() == [True] + [False] * 4
+    assert (assert_same_distribution(logits, 0.7, 2, 1e-9)[0] > 0).tolist() == [True] + [False] * 4
     # top_p just below 1 keeps all but the tail the warper drops
     assert_same_distribution(torch.randn(2, 500), 0.7, 0, 0.999)
 
@@ -114,6 +147,14 @@ def test_without_top_k_the_nucleus_comes_from_a_partial_top_k():
     probabilities, ids = candidate_distribution(peaked, 0.7, 0, 0.95)
     assert ids.shape[-1] in NUCLEUS_SIZES  # no full sort
     assert_same_distribution(peaked, 0.7, 0, 0.95)
+    # a tie across the edge of the first partial top-k, inside the nucleus: the tied tokens the
+    # nucleus keeps are the lowest ids of all of them, not of those the partial top-k returned
+    generator = torch.Generator().manual_seed(3)
+    tied = torch.full((1, 3000), -30.0)
+    ids = torch.randperm(3000, generator=generator)
+    tied[0, ids[:40]], tied[0, ids[40:140]] = 10.0, 9.0
+    drawn = assert_same_distribution(tied, 1.0, 0, 0.6)
+    assert 0 < int((drawn[0, ids[40:140]] > 0).sum()) < 100
     probabilities, ids = candidate_distribution(flat, 1.0, 0, 0.95)
     assert ids.shape[-1] == 20000  # most of the vocabulary: sorted whole
     assert_same_distribution(flat, 1.0, 0, 0.95)
@@ -139,6 +180,26 @@ def test_draw_frequencies_follow_the_warpers(knobs):
     assert chi_square(counts[support], expected_counts) < critical
     # the same draws against another distribution over the same tokens fail the check
     assert chi_square(counts[support], torch.roll(expected_counts, 1)) > critical
+
+
+def test_a_draw_over_the_whole_vocabulary_keeps_to_the_nucleus():
+    """Without top-k a flat distribution's nucleus is most of the vocabulary: the draw then inverts
+    the sorted cumulative sums. Every token drawn is one the warpers keep, and the drawn logits
+    average what the warpers' distribution gives (within 5 standard errors)."""
+    logits = random_logits(2, 1, 3000, "normal") / 10
+    expected = warped_probabilities(logits, 1.0, 0, 0.5)[0].double()
+    assert int((expected > 0).sum()) > NUCLEUS_SIZES[-1]  # no partial top-k holds it
+    draws = 20000
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        tokens = draw_next_tokens(logits.expand(draws, -1).contiguous(), 1.0, 0, 0.5)
+    assert expected[tokens].min() > 0
+    values = logits[0].double()
+    mean = float((expected * values).sum())
+    spread = float((expected * (values - mean) ** 2).sum()) ** 0.5
+    assert abs(float(values[tokens].mean()) - mean) < 5 * spread / draws**0.5
+    # the check can fail: draws from the whole vocabulary would average far outside that band
+    assert abs(float(values.mean()) - mean) > 50 * spread / draws**0.5
 
 
 def chi_square(counts, expected_counts):

@@ -1,7 +1,16 @@
-"""`sapo.sampling.own_loop`: SAPO's sampling loop draws exactly the tokens `generate` draws, and runs only
-where that holds."""
+"""`sapo.sampling.own_loop`: SAPO's sampling loop computes `generate`'s logits step for step and
+samples `generate`'s distribution from them, and runs only where that holds.
 
+Where the draw is `generate`'s own (greedy; no top-k or top-p) the loop draws `generate`'s tokens
+for the same seed. With top-k or top-p it draws among the top-k candidates (`sapo.sampling.draw`,
+whose probabilities tests/sampling/test_draw.py checks against the warpers'), so its tokens differ:
+there `generate`, made to follow the loop's tokens, must compute the logits the loop drew from at
+every step of every row.
+"""
+
+import contextlib
 import random
+from unittest import mock
 
 import pytest
 import torch
@@ -14,8 +23,10 @@ from transformers import MistralConfig, MistralForCausalLM
 from sapo import SAPOConfig
 from sapo.builtin.tiny import char_tokenizer, tiny_llama
 from sapo.packing import mask_for, supports_packing, uses_fsdp
-from sapo.sampling import Sampler
-from sapo.sampling.own_loop import sampling_processors, supports_cached_loop
+from sapo.sampling import Sampler, own_loop
+from sapo.sampling.backends import generation_config, left_padded
+from sapo.sampling.draw import candidate_distribution, draw_next_tokens
+from sapo.sampling.own_loop import last_position_logits, supports_cached_loop
 
 TOKENIZER = char_tokenizer()
 PAD, EOS = TOKENIZER.pad_token_id, TOKENIZER.eos_token_id
@@ -27,6 +38,7 @@ SETTINGS = {  # (temperature, top_k, top_p): SAPO's defaults, plain sampling, gr
     "greedy": (1.0, 1, 1.0),
     "narrow": (0.5, 5, 0.5),
 }
+SAME_TOKENS = {"plain", "greedy"}  # settings whose draw is generate's own: the same tokens for a seed
 
 
 def both_backends(model, prefixes, limits, stop_ids=(EOS,), seed=0, knobs="sapo"):
@@ -38,6 +50,66 @@ def both_backends(model, prefixes, limits, stop_ids=(EOS,), seed=0, knobs="sapo"
         )
         segments[backend] = generator.generate(model, prefixes, limits)
     return segments["auto"], segments["transformers"]
+
+
+@contextlib.contextmanager
+def recorded_draws():
+    """The logits and settings of every draw the loop makes in the block."""
+    draws = []
+
+    def record(logits, *knobs):
+        draws.append((logits.clone(), knobs))
+        return draw_next_tokens(logits, *knobs)
+
+    with mock.patch.object(own_loop, "draw_next_tokens", record):
+        yield draws
+
+
+def generate_along(model, prefixes, segments, stop_ids, settings):
+    """``generate``'s tokens and model logits ``(B, N, V)`` when each step may only take the loop's
+    token (``prefix_allowed_tokens_fn`` masks before the warpers; ``output_logits`` are the model's)."""
+    input_ids, attention_mask = left_padded(prefixes, PAD, "cpu")
+    width = input_ids.shape[1]
+
+    def loop_token(row, ids):
+        step = ids.shape[0] - width
+        return [segments[row][step]] if step < len(segments[row]) else [PAD]
+
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        generation_config=generation_config(settings, max(len(segment) for segment in segments)),
+        prefix_allowed_tokens_fn=loop_token,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    return output.sequences[:, width:].tolist(), torch.stack(output.logits, dim=1)
+
+
+def loop_against_generate(model, prefixes, limits, stop_ids=(EOS,), seed=0, knobs="sapo"):
+    """The loop's segments, checked against ``generate``: its tokens for the same seed where the
+    draw is ``generate``'s own; elsewhere ``generate``'s logits along the loop's tokens, which the
+    loop must have drawn from (with these settings, a token they allow) at every step of every row,
+    drawing no more steps than its longest segment needed."""
+    if knobs in SAME_TOKENS:
+        loop, generated = both_backends(model, prefixes, limits, stop_ids, seed, knobs)
+        assert loop == generated
+        return loop
+    temperature, top_k, top_p = SETTINGS[knobs]
+    sampler = Sampler(PAD, list(stop_ids), temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    with recorded_draws() as draws:
+        loop = sampler.generate(model, prefixes, limits)
+    assert len(draws) == max(len(segment) for segment in loop)
+    followed, logits = generate_along(model, prefixes, loop, stop_ids, sampler.settings)
+    assert [row[: len(segment)] for row, segment in zip(followed, loop)] == loop
+    for step, (drawn_from, knobs_used) in enumerate(draws):
+        assert knobs_used == SETTINGS[knobs]
+        for row, segment in enumerate(loop):
+            if step < len(segment):
+                assert torch.allclose(drawn_from[row], logits[row, step], rtol=1e-5, atol=1e-5)
+                probabilities, ids = candidate_distribution(drawn_from[row : row + 1], *knobs_used)
+                assert probabilities[ids == segment[step]].item() > 0
+    return loop
 
 
 def random_rows(rng, count, longest=14, most=16):
@@ -55,39 +127,36 @@ def spy_generate(model, monkeypatch):
 
 @pytest.mark.parametrize("knobs", sorted(SETTINGS))
 @pytest.mark.parametrize("model", [TIED, UNTIED], ids=["tied", "untied"])
-def test_same_tokens_as_generate(model, knobs, monkeypatch):
+def test_matches_generate(model, knobs, monkeypatch):
     calls = spy_generate(model, monkeypatch)
     rng = random.Random(sorted(SETTINGS).index(knobs))  # not hash(): str hashes change per process
     prefixes, limits = random_rows(rng, 7)
-    loop, generated = both_backends(model, prefixes, limits, knobs=knobs, seed=3)
-    assert loop == generated
-    assert len(calls) == 1  # the loop did not call generate; the transformers backend did
+    loop = loop_against_generate(model, prefixes, limits, knobs=knobs, seed=3)
+    assert len(calls) == 1  # the loop did not call generate; the check against it did
     # a frequent token as a second stop id: rows stop mid-way, at different steps. Counted before
     # each row's last token, so that some row meets it before its limit and stops there
-    stop = max(range(len(TOKENIZER)), key=lambda token: sum(s[:-1].count(token) for s in generated))
-    loop, generated = both_backends(model, prefixes, limits, stop_ids=(EOS, stop), knobs=knobs, seed=3)
-    assert loop == generated
+    stop = max(range(len(TOKENIZER)), key=lambda token: sum(s[:-1].count(token) for s in loop))
+    loop = loop_against_generate(model, prefixes, limits, stop_ids=(EOS, stop), knobs=knobs, seed=3)
     assert any(s[-1] == stop and len(s) < limit for s, limit in zip(loop, limits))
 
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10**6), rows=st.integers(1, 9), knobs=st.sampled_from(sorted(SETTINGS)))
-def test_same_tokens_as_generate_random(seed, rows, knobs):
+def test_matches_generate_random(seed, rows, knobs):
     prefixes, limits = random_rows(random.Random(seed), rows)
-    loop, generated = both_backends(UNTIED, prefixes, limits, stop_ids=(EOS, 60), seed=seed, knobs=knobs)
-    assert loop == generated
+    loop_against_generate(UNTIED, prefixes, limits, stop_ids=(EOS, 60), seed=seed, knobs=knobs)
 
 
-def test_same_tokens_as_generate_with_eager_attention():
+def test_matches_generate_with_eager_attention():
     model = tiny_llama(TOKENIZER, seed=2, tie_word_embeddings=False).eval()
     model.config._attn_implementation = "eager"
     prefixes, limits = random_rows(random.Random(1), 6)
     assert supports_cached_loop(model, 40)
-    loop, generated = both_backends(model, prefixes, limits, seed=9)
-    assert loop == generated
+    for knobs in ("sapo", "plain"):
+        loop_against_generate(model, prefixes, limits, seed=9, knobs=knobs)
 
 
-def test_same_tokens_as_generate_with_a_lora_adapter():
+def test_matches_generate_with_a_lora_adapter():
     model = tiny_llama(TOKENIZER, seed=2, tie_word_embeddings=False)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
@@ -96,20 +165,11 @@ def test_same_tokens_as_generate_with_a_lora_adapter():
                 param.normal_(0, 0.5)  # an adapter that changes the outputs
     model.eval()
     prefixes, limits = random_rows(random.Random(4), 5)
-    loop, generated = both_backends(model, prefixes, limits, seed=4)
-    assert loop == generated
+    loop = loop_against_generate(model, prefixes, limits, seed=4)
+    assert loop_against_generate(model, prefixes, limits, seed=4, knobs="plain")
     with model.disable_adapter():
-        without, _ = both_backends(model, prefixes, limits, seed=4)
+        without = loop_against_generate(model, prefixes, limits, seed=4)
     assert without != loop  # the adapter is active in the loop
-
-
-def test_processors_follow_generate_settings():
-    assert [type(p).__name__ for p in sampling_processors(0.7, 50, 0.95)] == [
-        "TemperatureLogitsWarper",
-        "TopKLogitsWarper",
-        "TopPLogitsWarper",
-    ]
-    assert len(sampling_processors(1.0, 0, 1.0)) == 0
 
 
 def tiny_mistral(window):
@@ -149,8 +209,28 @@ def test_window_longer_than_the_sequences_keeps_the_loop(monkeypatch):
     calls = spy_generate(model, monkeypatch)
     prefixes, limits = random_rows(random.Random(2), 5)
     assert supports_cached_loop(model, 30) and not supports_cached_loop(model, 64)
-    loop, generated = both_backends(model, prefixes, limits, seed=1)
-    assert loop == generated and len(calls) == 1
+    loop_against_generate(model, prefixes, limits, seed=1)
+    assert len(calls) == 1  # the check against generate; the loop did not call it
+    loop_against_generate(model, prefixes, limits, seed=1, knobs="plain")
+
+
+def test_the_loop_runs_a_plain_cpu_head_itself():
+    model = tiny_llama(TOKENIZER, seed=3, tie_word_embeddings=False).eval()
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    torch.nn.init.normal_(model.lm_head.bias)
+    ids = torch.tensor([[40, 41, 42, 43], [50, 51, 52, 53]])
+    with torch.no_grad():
+        expected = model(ids).logits[:, -1]
+        with last_position_logits(model) as logits_of:
+            outputs = model(ids)
+            assert outputs.logits.shape[-2] == 0  # the model's own head ran on no position
+            torch.testing.assert_close(logits_of(outputs), expected, rtol=1e-5, atol=1e-5)
+        # a LoRA layer as the head: the model's own logits
+        adapted = get_peft_model(model, LoraConfig(r=2, target_modules=["lm_head"]))
+        with last_position_logits(adapted) as logits_of:
+            outputs = adapted(ids)
+            assert outputs.logits.shape[-2] == ids.shape[1]
+            assert torch.equal(logits_of(outputs), outputs.logits[:, -1])
 
 
 def test_models_the_loop_cannot_take():

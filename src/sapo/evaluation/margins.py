@@ -42,12 +42,15 @@ def margin_batches(
     top_k: int = 50,
     backend="auto",
     version: int | None = None,
+    chunk_size: int | None = 256,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Per batch of rows, the gold answers' summed log-probs and the margins
     ``log p(gold) - log p(rejected)``. Cuts and sampling are seeded by ``seed``, so two models
     evaluated with the same seed see the same cut points. ``backend`` samples the segments (a
     name or a :class:`~sapo.sampling.SamplingBackend`); ``version`` names ``model``'s weights
-    (``None``: unknown, an engine that copies them refreshes its copy at every batch)."""
+    (``None``: unknown, an engine that copies them refreshes its copy at every batch).
+    ``chunk_size``: positions per chunk of the LM head (``logprob_chunk_size``): a batch of 32 pairs
+    of 512 tokens would otherwise hold 20 GB of logits at a 151,936-token vocabulary."""
     if not rows:
         raise ValueError("no rows to evaluate")
     cut_generator = torch.Generator().manual_seed(seed)
@@ -61,7 +64,7 @@ def margin_batches(
                     model, chunk, sampler, cut_generator, segment_length, None, version=version
                 ).pairs
                 batch = {k: v.to(device) for k, v in collate_pairs(pairs, pad_token_id).items()}
-                logps, _ = completion_logps(model, batch)
+                logps, _ = completion_logps(model, batch, chunk_size)
             chosen, rejected = logps.chunk(2)
             yield chosen.cpu(), (chosen - rejected).cpu()
 
