@@ -32,8 +32,7 @@ from worker_checks import (
 from sapo.builtin.tiny import char_tokenizer, tiny_llama
 from sapo.copies import build_ema_and_reference
 from sapo.copies.fsdp2 import ShardedEMA, ShardedReference, fsdp_units, is_sharded, shard_like_policy
-from sapo.copies.whole import CopiedReference
-from sapo.copies.whole import EMAModel
+from sapo.copies.whole import CopiedReference, EMAModel
 
 transformers.logging.set_verbosity_error()
 DECAY = 0.75

@@ -34,9 +34,8 @@ from worker_checks import (
 from sapo.builtin.tiny import char_tokenizer, tiny_llama
 from sapo.copies import build_ema_and_reference
 from sapo.copies.lora import EMA_ADAPTER, REFERENCE_ADAPTER, adapter_parameters
-from sapo.copies.whole import CopiedReference
+from sapo.copies.whole import CopiedReference, EMAModel
 from sapo.copies.zero3 import ZeroEMA, ZeroReference, is_partitioned, partition_like_policy
-from sapo.copies.whole import EMAModel
 
 transformers.logging.set_verbosity_error()
 DECAY = 0.75
