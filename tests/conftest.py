@@ -1,11 +1,18 @@
 """Shared fixtures: an offline char-level tokenizer, tiny Llamas and a small arithmetic task."""
 
+import os
 import random
 
 import pytest
+import torch
 from datasets import Dataset
 
 from sapo.builtin.tiny import char_tokenizer, tiny_llama
+
+# under pytest-xdist (`-n`) every worker gets its share of the cores: torch's default, a thread
+# per core in each worker, would have the workers' threads wait on each other
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(scope="session")

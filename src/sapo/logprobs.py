@@ -67,7 +67,8 @@ def chunkable_head(model: nn.Module) -> nn.Module | None:
     """The LM head of ``model`` when :func:`position_logps` may run it in chunks, else ``None``.
 
     Chunks need the model's logits to be exactly the head applied to the last hidden state
-    (:data:`PLAIN_HEAD_MODELS`; Gemma 2's soft-capping or Cohere's logit scale would be skipped),
+    (:data:`PLAIN_HEAD_MODELS`; Gemma 2's soft-capping or Cohere's logit scale would be skipped;
+    no forward hook on the model, which may change them),
     a head computing each position on its own (``nn.Linear``, or a PEFT layer such as LoRA around
     one), and the head's weights whole in this process and in place (not under FSDP or ZeRO-3,
     not dispatched by accelerate's ``device_map``, whose hooks move or load weights in the forward).
@@ -77,6 +78,8 @@ def chunkable_head(model: nn.Module) -> nn.Module | None:
     if kind.__name__ not in PLAIN_HEAD_MODELS or not kind.__module__.startswith("transformers."):
         return None
     head = causal_lm.get_output_embeddings()
+    if model._forward_hooks or causal_lm._forward_hooks:  # a hook on the outputs may change the logits
+        return None
     if uses_fsdp(model) or any(hasattr(weight, "ds_id") for weight in head.parameters()):
         return None
     if hasattr(head, "_hf_hook"):  # placed by accelerate (device_map, offloading): weights may move

@@ -143,9 +143,8 @@ def test_overwrite_output_dir_replaces_the_earlier_run_naming_what_it_removed(ru
         make_trainer(
             tokenizer, run_copy, max_steps=2, save_steps=2, seed=7, overwrite_output_dir=True
         ).train()
-    removed = [
-        record.getMessage() for record in caplog.records if "overwrite_output_dir" in record.getMessage()
-    ]
+    ownership = [r.getMessage() for r in caplog.records if r.name == "sapo.checkpoints.ownership"]
+    removed = [message for message in ownership if message.startswith("overwrite_output_dir")]
     assert len(removed) == 1 and "checkpoint-3, config.json, model.safetensors" in removed[0]
     assert sorted(p.name for p in run_copy.glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (run_copy / "model.safetensors").exists()
