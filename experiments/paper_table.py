@@ -289,6 +289,18 @@ def plot(summary: dict, tasks, methods, path: Path, title: str) -> None:
     plt.close(figure)
 
 
+def end_with_the_driver() -> None:
+    """A worker's initializer: on Linux the kernel sends the worker SIGTERM when the driver ends,
+    however it ends. A driver stopped by a signal runs no cleanup, and its workers would otherwise
+    train on, orphaned, until their jobs finish."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     output = Path(args.output_dir)
@@ -308,7 +320,7 @@ def main(argv=None) -> int:
         for rate in ((0.0,) if FAMILY[method] is None else args.grid[FAMILY[method]])
     ]
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(args.workers, mp_context=context, initializer=end_with_the_driver) as pool:
         if args.rates_from:
             rates, rest = borrowed_rates(Path(args.rates_from), args.tasks, methods), args.seeds
             runs = []

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -188,3 +193,39 @@ def test_rates_can_be_borrowed_from_an_earlier_run(tmp_path):
     assert rates == {("worked-multiplication", "SFT"): 0.0, ("worked-multiplication", "DPO"): 3e-5}
     with pytest.raises(SystemExit, match="ORPO"):
         paper_table.borrowed_rates(path, ["worked-multiplication"], ["ORPO"])
+
+
+DRIVER = """
+import multiprocessing, os, time
+from concurrent.futures import ProcessPoolExecutor
+from experiments.paper_table import end_with_the_driver
+context = multiprocessing.get_context("spawn")
+pool = ProcessPoolExecutor(1, mp_context=context, initializer=end_with_the_driver)
+print(pool.submit(os.getpid).result(), flush=True)
+time.sleep(600)
+"""
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, ended and not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal")
+def test_workers_end_with_a_killed_driver():
+    """A driver killed by a signal runs no cleanup: its workers must not train on, orphaned."""
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(driver.stdout.readline())
+        assert running(worker)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while running(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not running(worker)
+    finally:
+        driver.kill()
