@@ -9,7 +9,8 @@ wide, 102 tokens). Each call samples ``--segment_length`` tokens after each of `
 rows of ``--prefix_length`` random tokens; tokens per second counts the tokens actually sampled
 (a row may stop at the end-of-answer id).
 
-Every model and batch size runs in a fresh process (``benchmarks/harness.py``). There, each
+Every model and batch size runs in a fresh process (``benchmarks/harness.py``, with glibc's default
+allocator: nothing here measures memory). There, each
 backend makes one short call to warm up (vLLM builds its engine and receives the weights), then
 the backends take turns, ``--repeats`` timed calls each, so that a machine whose load changes
 weighs on all three alike. Call ``k`` samples after prefixes of its own, the same for every
@@ -157,7 +158,10 @@ def main() -> None:
     print(f"{'model':<20} {'batch':>5} " + " ".join(f"{NAMES[b]:>10}" for b in BACKENDS) + "  tokens/s")
     for model_name in args.models:
         for batch in args.batch_sizes:
-            measured = harness.run_fresh(MODULE, f"{model_name}|{batch}", settings)
+            # glibc's default allocator: the memory benchmarks' mmap threshold maps each key/value
+            # cache tensor afresh at every token, which slows the torch loops 2-4x and vLLM hardly
+            config = f"{model_name}|{batch}"
+            measured = harness.run_fresh(MODULE, config, settings, malloc_mmap_threshold=None)
             threads = measured["threads"]
             for backend in BACKENDS:
                 results.append(
